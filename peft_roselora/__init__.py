@@ -1,0 +1,35 @@
+"""RoseLoRA (row and column-wise sparse low-rank adaptation) as a native PEFT method.
+
+``import peft_roselora`` registers ``RoseLoraConfig`` / ``RoseLoraModel`` with PEFT, after which
+``get_peft_model(model, RoseLoraConfig(...))``, ``PeftModel.from_pretrained`` and the rest of PEFT accept RoseLoRA
+adapters. Loading a RoseLoRA adapter in a process that has not imported ``peft_roselora`` fails inside PEFT with
+``KeyError: 'ROSELORA'``; use :func:`export_to_lora` to produce an adapter that stock PEFT loads.
+"""
+
+from ._registration import add_peft_type_member
+
+add_peft_type_member()
+
+from ._registration import register  # noqa: E402
+from .config import RoseLoraConfig  # noqa: E402
+from .export import export_to_lora  # noqa: E402
+from .layer import RoseLoraLayer, RoseLoraVariant  # noqa: E402
+from .model import RoseLoraModel  # noqa: E402
+from .sparsity import ModuleSparsity, SparsityReport  # noqa: E402
+from .training import register_optimizer_hooks  # noqa: E402
+
+
+register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ModuleSparsity",
+    "RoseLoraConfig",
+    "RoseLoraLayer",
+    "RoseLoraModel",
+    "RoseLoraVariant",
+    "SparsityReport",
+    "export_to_lora",
+    "register_optimizer_hooks",
+]

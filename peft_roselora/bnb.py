@@ -1,0 +1,25 @@
+"""RoseLoRA on bitsandbytes 8-bit and 4-bit bases.
+
+PEFT's bitsandbytes LoRA layers already dispatch forward, mixed-batch forward, merge (into the quantized weight) and
+unmerge to the adapter's ``LoraVariant``; these classes only add the RoseLoRA state and variant.
+"""
+
+from __future__ import annotations
+
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+
+from .layer import RoseLoraLayer
+
+
+if is_bnb_available():
+    from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
+
+    class Linear8bitLt(RoseLoraLayer, LoraLinear8bitLt):
+        """RoseLoRA on ``bitsandbytes.nn.Linear8bitLt``."""
+
+
+if is_bnb_4bit_available():
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    class Linear4bit(RoseLoraLayer, LoraLinear4bit):
+        """RoseLoRA on ``bitsandbytes.nn.Linear4bit`` (QLoRA); merging re-quantizes, as PEFT LoRA does."""

@@ -1,0 +1,194 @@
+"""RoseLoRA layers: PEFT LoRA layers whose factors carry per-adapter row/column masks.
+
+The masking lives in one ``LoraVariant`` (``RoseLoraVariant``), so PEFT's own ``Linear`` (and the bitsandbytes
+layers in ``bnb.py``) keep their forward, mixed-batch forward, merge, safe merge and unmerge code and dispatch to the
+variant for RoseLoRA adapters. ``RoseLoraLayer`` adds the per-adapter state:
+
+- ``lora_mask_A[adapter]``: bool, shape ``(r, in_features)``; ``lora_mask_B[adapter]``: bool, ``(out_features, r)``.
+  Persistent buffers: saved in ``adapter_model.safetensors`` next to the factors.
+- ``rose_importance_A[adapter]`` / ``rose_importance_B[adapter]``: fp32 importance EMAs of the same shapes, created
+  at the first importance update, kept out of the adapter file (they belong in training checkpoints) and never cast
+  to the model's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraVariant
+from peft.utils.other import transpose
+
+from . import sparsity
+
+
+class RoseLoraVariant(LoraVariant):
+    """The RoseLoRA ``LoraVariant``: LoRA with the factors multiplied by their masks.
+
+    In forward the masked factors are ``A * mask_A`` and ``B * mask_B``. With ``prune_mode="authors"`` the mask is
+    applied as a straight-through product (the gradient of a pruned entry is the gradient at zero, as in the authors'
+    code, where pruned weights are simply zero); with ``prune_mode="persistent"`` pruned entries get zero gradient.
+    Merging adds ``scaling * (B * mask_B) @ (A * mask_A)``, whose density is at most ``r * tau^2``.
+    """
+
+    def supports_lora_conversion(self) -> bool:
+        return True
+
+    @staticmethod
+    def init(module: RoseLoraLayer, adapter_name: str, **kwargs: Any) -> None:
+        """Create the dense masks of ``adapter_name`` on the base layer's device."""
+        config = kwargs["config"]
+        module.init_rose_state(adapter_name, prune_mode=config.prune_mode)
+
+    @staticmethod
+    def merge_safe(module: RoseLoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: RoseLoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: RoseLoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(
+        module: RoseLoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        weight_a, weight_b = module.masked_factors(active_adapter)
+        dropout = module.lora_dropout[active_adapter]
+        hidden = F.linear(dropout(x.to(weight_a.dtype)), weight_a)
+        output = F.linear(hidden, weight_b, module.lora_B[active_adapter].bias) * module.scaling[active_adapter]
+        return result + output.to(result.dtype)
+
+
+class RoseLoraLayer(LoraLayer):
+    """Mixin over a PEFT ``LoraLayer`` that resolves every adapter to ``RoseLoraVariant`` and holds its state."""
+
+    other_param_names = LoraLayer.other_param_names + (
+        "lora_mask_A",
+        "lora_mask_B",
+        "rose_importance_A",
+        "rose_importance_B",
+        "rose_prune_mode",
+    )
+
+    def resolve_lora_variant(self, *, config, **kwargs) -> Optional[LoraVariant]:
+        return RoseLoraVariant()
+
+    def init_rose_state(self, adapter_name: str, prune_mode: str) -> None:
+        """Create (or reset to dense) the masks of ``adapter_name`` and drop its importance statistics."""
+        if not hasattr(self, "lora_mask_A"):
+            self.lora_mask_A = BufferDict(persistent=True)
+            self.lora_mask_B = BufferDict(persistent=True)
+            self.rose_importance_A: dict[str, torch.Tensor] = {}
+            self.rose_importance_B: dict[str, torch.Tensor] = {}
+            self.rose_prune_mode: dict[str, str] = {}
+        base_weight = self.get_base_layer().weight
+        device = base_weight.device
+        self.lora_mask_A[adapter_name] = torch.ones(self.lora_A[adapter_name].weight.shape, dtype=torch.bool,
+                                                    device=device)
+        self.lora_mask_B[adapter_name] = torch.ones(self.lora_B[adapter_name].weight.shape, dtype=torch.bool,
+                                                    device=device)
+        self.rose_importance_A.pop(adapter_name, None)
+        self.rose_importance_B.pop(adapter_name, None)
+        self.rose_prune_mode[adapter_name] = prune_mode
+
+    def masked_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The masked factors of ``adapter_name``: ``(A * mask_A, B * mask_B)``, shapes ``(r, in)`` and ``(out, r)``.
+
+        The values are always the masked products. Gradients flow to pruned entries unchanged with
+        ``prune_mode="authors"`` (straight-through) and are zero for them with ``prune_mode="persistent"``.
+        """
+        weight_a = self.lora_A[adapter_name].weight
+        weight_b = self.lora_B[adapter_name].weight
+        mask_a = self.lora_mask_A[adapter_name]
+        mask_b = self.lora_mask_B[adapter_name]
+        if self.rose_prune_mode[adapter_name] == "persistent":
+            return weight_a * mask_a, weight_b * mask_b
+        # value w * m, gradient identity: subtract the (detached) pruned part
+        return (
+            weight_a - weight_a.detach().masked_fill(mask_a, 0),
+            weight_b - weight_b.detach().masked_fill(mask_b, 0),
+        )
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``scaling * (B * mask_B) @ (A * mask_A)``, transposed for ``fan_in_fan_out`` (``Conv1D``) bases.
+
+        Returns:
+            Tensor: shape of the base weight, in the dtype of the factors (computed in fp32 for half factors on CPU).
+        """
+        with torch.no_grad():
+            weight_a = self.lora_A[adapter].weight.masked_fill(~self.lora_mask_A[adapter], 0)
+            weight_b = self.lora_B[adapter].weight.masked_fill(~self.lora_mask_B[adapter], 0)
+        dtype = weight_b.dtype
+        if weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            weight_a, weight_b = weight_a.float(), weight_b.float()
+        delta = transpose(weight_b @ weight_a, getattr(self, "fan_in_fan_out", False)) * self.scaling[adapter]
+        return delta.to(dtype)
+
+    # ---- the training step, called by RoseLoraModel for every adapted module --------------------------------------
+
+    @torch.no_grad()
+    def update_importance(self, adapter_name: str, beta: float) -> None:
+        """``I_bar <- beta * I_bar + (1 - beta) * |w * grad|`` for both factors of ``adapter_name``.
+
+        Raises:
+            RuntimeError: if a factor has no gradient.
+        """
+        for factor, store in (("lora_A", self.rose_importance_A), ("lora_B", self.rose_importance_B)):
+            weight = getattr(self, factor)[adapter_name].weight
+            if weight.grad is None:
+                raise RuntimeError(
+                    f"RoseLoRA importance update for adapter '{adapter_name}' found no gradient on {factor}: call it "
+                    "after loss.backward() and before optimizer.zero_grad() (and make sure the adapter is trainable)."
+                )
+            previous = store.get(adapter_name)
+            if previous is not None and previous.device != weight.device:
+                previous = previous.to(weight.device)
+            store[adapter_name] = sparsity.update_importance_ema(previous, weight, weight.grad, beta)
+
+    @torch.no_grad()
+    def update_masks(self, adapter_name: str, keep_ratio: float) -> None:
+        """Recompute both masks from the importance EMA: top ``ceil(tau * in)`` per row of A, per column of B.
+
+        Raises:
+            RuntimeError: if no importance has been accumulated yet.
+        """
+        if adapter_name not in self.rose_importance_A:
+            raise RuntimeError(
+                f"RoseLoRA cannot prune adapter '{adapter_name}': no importance was accumulated. Call "
+                "update_importance() after backward before the first prune."
+            )
+        persistent = self.rose_prune_mode[adapter_name] == "persistent"
+        for factor_masks, importance, dim in (
+            (self.lora_mask_A, self.rose_importance_A[adapter_name], 1),
+            (self.lora_mask_B, self.rose_importance_B[adapter_name], 0),
+        ):
+            current = factor_masks[adapter_name]
+            scores = importance.to(current.device)
+            if persistent:
+                scores = scores.masked_fill(~current, -1.0)
+            keep = sparsity.kept_count(keep_ratio, scores.shape[dim])
+            current.copy_(sparsity.topk_mask(scores, keep, dim=dim))
+
+    @torch.no_grad()
+    def apply_masks(self, adapter_name: str, clamp_value: Optional[float] = None) -> None:
+        """Zero the pruned entries of both factors in place, then clamp them to ``[-clamp_value, clamp_value]``."""
+        for factor, masks in (("lora_A", self.lora_mask_A), ("lora_B", self.lora_mask_B)):
+            weight = getattr(self, factor)[adapter_name].weight
+            weight.masked_fill_(~masks[adapter_name], 0)
+            if clamp_value is not None:
+                weight.clamp_(-clamp_value, clamp_value)
+
+
+class Linear(RoseLoraLayer, LoraLinear):
+    """RoseLoRA on ``torch.nn.Linear`` and ``transformers.pytorch_utils.Conv1D`` (``fan_in_fan_out``) bases."""
+
+    def __repr__(self) -> str:
+        return "roselora." + LoraLinear.__repr__(self)[len("lora."):]

@@ -1,0 +1,260 @@
+"""``RoseLoraModel``: the PEFT tuner model of RoseLoRA, with the per-step sparsity schedule."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Optional, Union
+
+import torch
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+from peft.tuners.lora import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers.pytorch_utils import Conv1D
+
+from . import sparsity
+from .config import RoseLoraConfig
+from .layer import Linear, RoseLoraLayer
+
+
+SUPPORTED_TARGETS = "torch.nn.Linear, transformers Conv1D, bitsandbytes Linear8bitLt and Linear4bit"
+
+
+class RoseLoraModel(LoraModel):
+    """Creates a RoseLoRA model from a pretrained model (use ``get_peft_model(model, RoseLoraConfig(...))``).
+
+    Besides everything ``LoraModel`` offers (merge, unmerge, ``merge_and_unload``, ``unload``, multiple adapters,
+    ``disable_adapter``, mixed-batch ``adapter_names=``), the model drives the sparsity schedule. In every optimizer
+    step of a custom loop::
+
+        loss.backward()
+        model.update_importance()   # |w * grad| EMA, before the optimizer changes w
+        optimizer.step()
+        model.prune_step()          # advance t, prune to keep_ratio(t), clamp
+        optimizer.zero_grad()
+
+    or once: ``peft_roselora.register_optimizer_hooks(model, optimizer)``, which makes ``optimizer.step()`` do both.
+    ``update_and_allocate(global_step)`` is the AdaLoRA-style single call after ``optimizer.step()``.
+
+    The schedule acts on the active adapters; each adapter has its own step counter and configuration.
+    """
+
+    prefix: str = "lora_"
+    tuner_layer_cls = RoseLoraLayer
+
+    # ---- construction ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        target_name = kwargs.get("target_name", "<unknown>")
+        if is_bnb_available():
+            import bitsandbytes as bnb
+
+            from .bnb import Linear8bitLt
+
+            if isinstance(base_layer, bnb.nn.Linear8bitLt):
+                kwargs.update(
+                    has_fp16_weights=base_layer.state.has_fp16_weights,
+                    threshold=base_layer.state.threshold,
+                    index=base_layer.index,
+                )
+                return Linear8bitLt(target, adapter_name, config=lora_config, **kwargs)
+        if is_bnb_4bit_available():
+            import bitsandbytes as bnb
+
+            from .bnb import Linear4bit
+
+            if isinstance(base_layer, bnb.nn.Linear4bit):
+                kwargs.update(
+                    compute_dtype=base_layer.compute_dtype,
+                    compress_statistics=base_layer.weight.compress_statistics,
+                    quant_type=base_layer.weight.quant_type,
+                )
+                return Linear4bit(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base_layer, torch.nn.Linear):
+            if lora_config.fan_in_fan_out:
+                warnings.warn(f"fan_in_fan_out=True but '{target_name}' is a torch.nn.Linear: using False.")
+                lora_config.fan_in_fan_out = False
+            return Linear(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base_layer, Conv1D):
+            if not lora_config.fan_in_fan_out:
+                warnings.warn(f"fan_in_fan_out=False but '{target_name}' is a transformers Conv1D: using True.")
+                lora_config.fan_in_fan_out = True
+            return Linear(target, adapter_name, config=lora_config, is_target_conv_1d_layer=True, **kwargs)
+        layer_type = type(base_layer)
+        raise ValueError(
+            f"RoseLoRA cannot adapt module '{target_name}' of type {layer_type.__module__}.{layer_type.__qualname__}; "
+            f"supported types are {SUPPORTED_TARGETS}. Remove it from `target_modules`."
+        )
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        """Not supported: combining (and SVD re-factorising) sparse factors does not keep their row/column masks."""
+        raise NotImplementedError(
+            "add_weighted_adapter is not supported for RoseLoRA adapters: combining or re-factorising the sparse "
+            "factors would break their row/column masks. Merge adapters with merge_and_unload() instead, or export "
+            "them with peft_roselora.export_to_lora() and combine them as plain LoRA adapters."
+        )
+
+    # ---- the schedule ------------------------------------------------------------------------------------------
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # per adapter: optimizer steps taken by the schedule (t), and whether update_importance() ran since the last
+        # prune_step()
+        self._rose_steps: dict[str, int] = {}
+        self._rose_importance_pending: dict[str, bool] = {}
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._rose_steps.pop(adapter_name, None)
+        self._rose_importance_pending.pop(adapter_name, None)
+
+    def _rose_layers(self, adapter_name: str) -> Iterable[RoseLoraLayer]:
+        for module in self.model.modules():
+            if isinstance(module, RoseLoraLayer) and adapter_name in module.lora_A:
+                yield module
+
+    def _schedule_adapters(self, adapter_names: Optional[Union[str, list[str]]]) -> list[str]:
+        if adapter_names is None:
+            adapter_names = self.active_adapters
+        elif isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        for name in adapter_names:
+            if name not in self.peft_config:
+                raise ValueError(f"Unknown adapter '{name}'; available: {sorted(self.peft_config)}.")
+            if not isinstance(self.peft_config[name], RoseLoraConfig):
+                raise ValueError(f"Adapter '{name}' is not a RoseLoRA adapter.")
+        return list(adapter_names)
+
+    def schedule_step(self, adapter_name: str = "default") -> int:
+        """Number of optimizer steps the schedule of ``adapter_name`` has taken (``t``)."""
+        return self._rose_steps.get(adapter_name, 0)
+
+    def current_keep_ratio(self, adapter_name: str = "default") -> float:
+        """The keep ratio ``tau(t)`` of ``adapter_name`` at its current step.
+
+        Raises:
+            ValueError: if the adapter's ``total_step`` is not set.
+        """
+        config = self.peft_config[adapter_name]
+        start, end, _ = config.resolve_schedule()
+        return sparsity.keep_ratio_at(self.schedule_step(adapter_name), config.keep_ratio, start, end)
+
+    def set_total_step(self, total_step: int, adapter_name: Optional[str] = None) -> None:
+        """Set ``total_step`` (T) of the given (default: active) adapters, resolving fractional schedule steps.
+
+        Raises:
+            ValueError: if the resolved schedule violates ``prune_start_step < prune_end_step <= total_step``.
+        """
+        for name in self._schedule_adapters(adapter_name):
+            config = self.peft_config[name]
+            previous = config.total_step
+            config.total_step = total_step
+            try:
+                config._check_schedule_fields()
+            except ValueError:
+                config.total_step = previous
+                raise
+
+    def update_importance(self, adapter_names: Optional[Union[str, list[str]]] = None) -> None:
+        """Update the importance EMA ``I_bar`` of every factor from the current weights and gradients.
+
+        Call it after ``loss.backward()`` and before ``optimizer.step()`` (the authors' order), once per optimizer
+        step. Acts on the active adapters unless ``adapter_names`` is given.
+
+        Raises:
+            RuntimeError: if a factor of an adapter has no gradient.
+        """
+        for name in self._schedule_adapters(adapter_names):
+            beta = self.peft_config[name].importance_beta
+            found = False
+            for layer in self._rose_layers(name):
+                layer.update_importance(name, beta)
+                found = True
+            if not found:
+                raise RuntimeError(f"Adapter '{name}' has no RoseLoRA layers in this model.")
+            self._rose_importance_pending[name] = True
+
+    def prune_step(self, adapter_names: Optional[Union[str, list[str]]] = None) -> dict[str, float]:
+        """Advance the schedule by one optimizer step and prune: call after ``optimizer.step()``.
+
+        For each adapter: ``t += 1``; if ``tau(t) < 1`` (and ``t`` is on the ``prune_interval`` grid or equals
+        ``t_f``) recompute the masks, top ``ceil(tau(t) * in)`` per row of ``lora_A`` and ``ceil(tau(t) * out)`` per
+        column of ``lora_B`` by importance; zero the pruned entries; once ``t > t_i`` clamp to ``clamp_value`` if set.
+
+        Returns:
+            dict[str, float]: the keep ratio ``tau(t)`` per adapter.
+
+        Raises:
+            RuntimeError: if ``update_importance()`` was not called since the previous ``prune_step()``.
+            ValueError: if ``total_step`` is not set.
+        """
+        ratios = {}
+        for name in self._schedule_adapters(adapter_names):
+            config = self.peft_config[name]
+            start, end, _ = config.resolve_schedule()
+            if not self._rose_importance_pending.get(name, False):
+                raise RuntimeError(
+                    f"RoseLoRA prune_step() for adapter '{name}' without a preceding update_importance(): call "
+                    "update_importance() after loss.backward() and before optimizer.step() in every optimizer step "
+                    "(or use peft_roselora.register_optimizer_hooks / RoseLoraCallback, which do it for you)."
+                )
+            step = self._rose_steps.get(name, 0) + 1
+            self._rose_steps[name] = step
+            self._rose_importance_pending[name] = False
+            keep_ratio = sparsity.keep_ratio_at(step, config.keep_ratio, start, end)
+            recompute = keep_ratio < 1.0 and ((step - start) % config.prune_interval == 0 or step == end)
+            clamp_value = config.clamp_value if step > start else None
+            for layer in self._rose_layers(name):
+                if recompute:
+                    layer.update_masks(name, keep_ratio)
+                layer.apply_masks(name, clamp_value)
+            ratios[name] = keep_ratio
+        return ratios
+
+    def update_and_allocate(self, global_step: int) -> dict[str, float]:
+        """AdaLoRA-style single call, after ``optimizer.step()`` and before ``optimizer.zero_grad()``.
+
+        Equivalent to ``update_importance()`` then ``prune_step()`` with the schedule at step ``global_step + 1``
+        (``global_step`` is the 0-based index of the optimizer step just taken). Unlike the authors' order, the
+        importance is computed from the weights *after* the optimizer step; use ``update_importance()`` before
+        ``optimizer.step()`` and ``prune_step()`` after it (or ``register_optimizer_hooks``) for the exact method.
+        """
+        self.update_importance()
+        for name in self._schedule_adapters(None):
+            self._rose_steps[name] = global_step
+        return self.prune_step()
+
+    # ---- reporting ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sparsity_report(self, adapter_name: Optional[str] = None) -> sparsity.SparsityReport:
+        """Per adapted module and in total: factor non-zeros, keep ratio reached, merged-delta non-zeros and density,
+        and the ``r * tau^2`` bound (see ``peft_roselora.sparsity.SparsityReport``)."""
+        if adapter_name is None:
+            adapter_name = self.active_adapters[0]
+        config = self.peft_config[adapter_name]
+        try:
+            keep_ratio = self.current_keep_ratio(adapter_name)
+        except ValueError:
+            keep_ratio = None
+        rows = []
+        for module_name, module in self.model.named_modules():
+            if isinstance(module, RoseLoraLayer) and adapter_name in module.lora_A:
+                weight_a, weight_b = module.masked_factors(adapter_name)
+                rows.append(
+                    sparsity.module_sparsity(
+                        module_name,
+                        weight_a,
+                        weight_b,
+                        module.get_delta_weight(adapter_name),
+                        keep_ratio if keep_ratio is not None else config.keep_ratio,
+                    )
+                )
+        return sparsity.SparsityReport(
+            adapter_name=adapter_name,
+            target_keep_ratio=config.keep_ratio,
+            scheduled_keep_ratio=keep_ratio,
+            step=self.schedule_step(adapter_name),
+            modules=rows,
+        )

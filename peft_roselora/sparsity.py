@@ -1,0 +1,310 @@
+"""The RoseLoRA math as small pure functions: schedule, importance, top-k masks and sparsity accounting.
+
+Nothing in this module knows about PEFT layers or models; every function takes tensors or numbers and returns
+tensors or numbers, so each piece is unit-tested alone (``tests/test_sparsity.py``). Notation follows
+``docs/method.md``: ``tau`` is the keep ratio (density), ``t_i`` the last dense step, ``t_f`` the step at which the
+final keep ratio is reached, ``T`` the total number of optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Union
+
+import torch
+
+
+# Tolerance used when turning a real number of entries or steps into an integer: 0.1 * 30 is 3.0000000000000004 in
+# floating point and must count as 3, not 4.
+_ROUNDING_TOLERANCE = 1e-9
+
+StepSpec = Union[int, float]
+
+
+def ceil_count(value: float) -> int:
+    """Round ``value`` up to an integer, ignoring floating-point noise below 1e-9.
+
+    Args:
+        value (float): a non-negative real number of entries or steps.
+
+    Returns:
+        int: ``ceil(value)``, except that ``value`` within 1e-9 above an integer rounds to that integer.
+    """
+    return math.ceil(value - _ROUNDING_TOLERANCE)
+
+
+def floor_count(value: float) -> int:
+    """Round ``value`` down to an integer, ignoring floating-point noise below 1e-9 (``0.7 * 10`` is 7)."""
+    return math.floor(value + _ROUNDING_TOLERANCE)
+
+
+def resolve_step(value: StepSpec, total_step: int, *, round_up: bool) -> int:
+    """Turn a schedule step given as a count or as a fraction of the total into a step count.
+
+    Args:
+        value (int | float): an ``int`` is a step count and returned unchanged; a ``float`` in ``[0, 1]`` is a
+            fraction of ``total_step``.
+        total_step (int): the total number of optimizer steps ``T``.
+        round_up (bool): round a fractional step up (used for ``t_f``) or down (used for ``t_i``), so that two
+            different fractions never resolve to the same step.
+
+    Returns:
+        int: the step count.
+    """
+    if isinstance(value, bool) or not isinstance(value, float):
+        return int(value)
+    scaled = value * total_step
+    return ceil_count(scaled) if round_up else floor_count(scaled)
+
+
+def keep_ratio_at(step: int, final_keep_ratio: float, prune_start_step: int, prune_end_step: int) -> float:
+    """Cubic keep-ratio schedule of the method (spec section 4).
+
+    ``tau(t) = 1`` for ``t <= t_i``; ``tau + (1 - tau) * (1 - (t - t_i) / (t_f - t_i)) ** 3`` for ``t_i < t < t_f``;
+    ``tau`` for ``t >= t_f``.
+
+    Args:
+        step (int): ``t``, the number of optimizer steps taken (1 after the first step).
+        final_keep_ratio (float): ``tau`` in ``(0, 1]``.
+        prune_start_step (int): ``t_i``, the last dense step.
+        prune_end_step (int): ``t_f > t_i``, the first step at the final keep ratio.
+
+    Returns:
+        float: the keep ratio in ``[tau, 1]``.
+    """
+    if step <= prune_start_step:
+        return 1.0
+    if step >= prune_end_step:
+        return final_keep_ratio
+    remaining = 1.0 - (step - prune_start_step) / (prune_end_step - prune_start_step)
+    return final_keep_ratio + (1.0 - final_keep_ratio) * remaining**3
+
+
+def kept_count(keep_ratio: float, size: int) -> int:
+    """Number of entries a row (or column) of ``size`` entries keeps at ``keep_ratio``: ``ceil(tau * size)``, >= 1."""
+    return min(size, max(1, ceil_count(keep_ratio * size)))
+
+
+@torch.no_grad()
+def update_importance_ema(
+    importance: torch.Tensor | None, weight: torch.Tensor, grad: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Smoothed sensitivity ``I_bar <- beta * I_bar + (1 - beta) * |w * g|`` (spec section 3).
+
+    Args:
+        importance (Tensor | None): the fp32 EMA of the same shape as ``weight``, updated in place; ``None`` on the
+            first update, which returns ``|w * g|`` itself (the first update sets ``I_bar = I``).
+        weight (Tensor): the factor's weight, any floating dtype, shape ``(r, in)`` or ``(out, r)``.
+        grad (Tensor): its gradient, same shape.
+        beta (float): the EMA coefficient in ``[0, 1)``.
+
+    Returns:
+        Tensor: the updated fp32 EMA (``importance`` itself when it was given).
+    """
+    sensitivity = (weight.float() * grad.float()).abs_()
+    if importance is None:
+        return sensitivity
+    return importance.mul_(beta).add_(sensitivity, alpha=1.0 - beta)
+
+
+@torch.no_grad()
+def topk_mask(scores: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
+    """Boolean mask keeping the ``keep`` highest scores along ``dim`` (one ``topk`` call for the whole tensor).
+
+    ``dim=1`` keeps ``keep`` entries in every row (``lora_A``, shape ``(r, in)``); ``dim=0`` keeps ``keep`` entries in
+    every column (``lora_B``, shape ``(out, r)``). Ties are broken by ``torch.topk``.
+
+    Args:
+        scores (Tensor): 2-D importance scores.
+        keep (int): entries kept per row or column, ``1 <= keep <= scores.shape[dim]``.
+        dim (int): 1 for per-row, 0 for per-column selection.
+
+    Returns:
+        Tensor: bool tensor of the shape of ``scores`` with exactly ``keep`` True entries per row (or column).
+    """
+    if keep >= scores.shape[dim]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    indices = scores.topk(keep, dim=dim, sorted=False).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(dim, indices, True)
+
+
+def factor_density(mask_or_weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fraction of non-zero entries of every row (``dim=1``) or column (``dim=0``), as float64 (exact counts)."""
+    return (mask_or_weight != 0).double().mean(dim=dim)
+
+
+def proposition1_density_bound(weight_a: torch.Tensor, weight_b: torch.Tensor) -> float:
+    """Upper bound on the density of ``B @ A`` from Proposition 1: ``sum_i density(A_i*) * density(B_*i)``.
+
+    Args:
+        weight_a (Tensor): ``lora_A`` weight, shape ``(r, in)``.
+        weight_b (Tensor): ``lora_B`` weight, shape ``(out, r)``.
+
+    Returns:
+        float: the bound, clipped to 1.
+    """
+    bound = (factor_density(weight_a, dim=1) * factor_density(weight_b, dim=0)).sum().item()
+    return min(1.0, bound)
+
+
+def nominal_density_bound(rank: int, keep_ratio: float, in_features: int, out_features: int) -> float:
+    """The ``r * tau^2`` bound, with ``tau`` rounded up to whole kept entries exactly as pruning rounds it.
+
+    With ``k_A = ceil(tau * in)`` entries kept per row of A and ``k_B = ceil(tau * out)`` per column of B the merged
+    delta has at most ``r * (k_A / in) * (k_B / out)`` density; this equals ``r * tau^2`` whenever ``tau * in`` and
+    ``tau * out`` are whole numbers.
+    """
+    density_a = kept_count(keep_ratio, in_features) / in_features
+    density_b = kept_count(keep_ratio, out_features) / out_features
+    return min(1.0, rank * density_a * density_b)
+
+
+@dataclass
+class ModuleSparsity:
+    """Sparsity of one adapted module (one row of a ``SparsityReport``).
+
+    ``max_row_density_a`` / ``max_col_density_b`` are the keep ratios reached (densest row of A, column of B);
+    ``delta_*`` describe the merged update ``scaling * B @ A``; ``nominal_bound`` is ``r * tau^2`` (tau rounded up to
+    whole entries) and ``proposition1_bound`` the data-dependent bound ``sum_i density(A_i*) * density(B_*i)``.
+    """
+
+    name: str
+    in_features: int
+    out_features: int
+    rank: int
+    nonzeros_a: int
+    nonzeros_b: int
+    max_row_density_a: float
+    max_col_density_b: float
+    delta_nonzeros: int
+    delta_numel: int
+    nominal_bound: float
+    proposition1_bound: float
+
+    @property
+    def factor_nonzeros(self) -> int:
+        return self.nonzeros_a + self.nonzeros_b
+
+    @property
+    def factor_numel(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    @property
+    def delta_density(self) -> float:
+        return self.delta_nonzeros / self.delta_numel
+
+
+def module_sparsity(
+    name: str, weight_a: torch.Tensor, weight_b: torch.Tensor, delta: torch.Tensor, keep_ratio: float
+) -> ModuleSparsity:
+    """Measure one module: ``weight_a`` ``(r, in)``, ``weight_b`` ``(out, r)``, ``delta`` the merged update (any
+    orientation), ``keep_ratio`` the ratio the nominal bound is computed for."""
+    rank, in_features = weight_a.shape
+    out_features = weight_b.shape[0]
+    return ModuleSparsity(
+        name=name,
+        in_features=in_features,
+        out_features=out_features,
+        rank=rank,
+        nonzeros_a=int(torch.count_nonzero(weight_a)),
+        nonzeros_b=int(torch.count_nonzero(weight_b)),
+        max_row_density_a=float(factor_density(weight_a, dim=1).max()),
+        max_col_density_b=float(factor_density(weight_b, dim=0).max()),
+        delta_nonzeros=int(torch.count_nonzero(delta)),
+        delta_numel=delta.numel(),
+        nominal_bound=nominal_density_bound(rank, keep_ratio, in_features, out_features),
+        proposition1_bound=proposition1_density_bound(weight_a, weight_b),
+    )
+
+
+@dataclass
+class SparsityReport:
+    """Sparsity of one adapter: per module (``modules``) and in total.
+
+    ``scheduled_keep_ratio`` is ``tau(t)`` at the adapter's current step (None if ``total_step`` is unset; the
+    bounds then use ``target_keep_ratio``).
+    """
+
+    adapter_name: str
+    target_keep_ratio: float
+    scheduled_keep_ratio: float | None
+    step: int
+    modules: list[ModuleSparsity] = field(default_factory=list)
+
+    @property
+    def factor_nonzeros(self) -> int:
+        return sum(row.factor_nonzeros for row in self.modules)
+
+    @property
+    def factor_numel(self) -> int:
+        return sum(row.factor_numel for row in self.modules)
+
+    @property
+    def delta_nonzeros(self) -> int:
+        return sum(row.delta_nonzeros for row in self.modules)
+
+    @property
+    def delta_numel(self) -> int:
+        return sum(row.delta_numel for row in self.modules)
+
+    @property
+    def delta_density(self) -> float:
+        return self.delta_nonzeros / max(1, self.delta_numel)
+
+    @property
+    def keep_ratio_reached(self) -> float:
+        """The densest row of any ``lora_A`` or column of any ``lora_B``."""
+        return max((max(row.max_row_density_a, row.max_col_density_b) for row in self.modules), default=0.0)
+
+    @property
+    def nominal_bound(self) -> float:
+        """Merged-delta density bound over all modules (numel-weighted ``r * tau^2``)."""
+        return sum(row.nominal_bound * row.delta_numel for row in self.modules) / max(1, self.delta_numel)
+
+    @property
+    def within_bounds(self) -> bool:
+        """Whether every module's merged delta respects both bounds."""
+        return all(
+            row.delta_density <= min(row.nominal_bound, row.proposition1_bound) + 1e-12 for row in self.modules
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary with the per-module rows."""
+        return {
+            "adapter_name": self.adapter_name,
+            "step": self.step,
+            "target_keep_ratio": self.target_keep_ratio,
+            "scheduled_keep_ratio": self.scheduled_keep_ratio,
+            "keep_ratio_reached": self.keep_ratio_reached,
+            "factor_nonzeros": self.factor_nonzeros,
+            "factor_numel": self.factor_numel,
+            "delta_nonzeros": self.delta_nonzeros,
+            "delta_numel": self.delta_numel,
+            "delta_density": self.delta_density,
+            "nominal_bound": self.nominal_bound,
+            "within_bounds": self.within_bounds,
+            "modules": [asdict(row) for row in self.modules],
+        }
+
+    def __str__(self) -> str:
+        ratio = "unset" if self.scheduled_keep_ratio is None else f"{self.scheduled_keep_ratio:.4f}"
+        lines = [
+            f"RoseLoRA sparsity of adapter '{self.adapter_name}' at step {self.step} "
+            f"(keep ratio scheduled {ratio}, target {self.target_keep_ratio})",
+            f"{'module':<48} {'A nnz':>8} {'B nnz':>8} {'keep':>7} {'delta nnz':>10} {'density':>9} {'bound':>9}",
+        ]
+        for row in self.modules:
+            keep = max(row.max_row_density_a, row.max_col_density_b)
+            lines.append(
+                f"{row.name[-48:]:<48} {row.nonzeros_a:>8} {row.nonzeros_b:>8} {keep:>7.4f} {row.delta_nonzeros:>10} "
+                f"{row.delta_density:>9.5f} {row.nominal_bound:>9.5f}"
+            )
+        lines.append(
+            f"total: factor non-zeros {self.factor_nonzeros}/{self.factor_numel} "
+            f"({self.factor_nonzeros / max(1, self.factor_numel):.4f}), keep ratio reached "
+            f"{self.keep_ratio_reached:.4f}, merged-delta non-zeros {self.delta_nonzeros}/{self.delta_numel} "
+            f"(density {self.delta_density:.5f}, r*tau^2 bound {self.nominal_bound:.5f}, "
+            f"within bounds: {self.within_bounds})"
+        )
+        return "\n".join(lines)

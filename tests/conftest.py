@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny models built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import peft_roselora  # noqa: F401  (registers RoseLoRA with PEFT)
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
+
+VOCAB_SIZE = 128
+
+
+def make_tiny_llama(seed: int = 0, hidden_size: int = 64, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB_SIZE, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+def random_batch(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB_SIZE, (batch, length), generator=generator)
+
+
+def train_steps(model, optimizer, steps: int, seed: int = 0) -> None:
+    """Run ``steps`` causal-LM steps on random tokens; the schedule is driven by whatever hooks are attached."""
+    model.train()
+    for step in range(steps):
+        input_ids = random_batch(seed + step)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_tiny_gpt2()

@@ -1,0 +1,119 @@
+"""The pure math of peft_roselora.sparsity, tested alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peft_roselora import sparsity
+
+
+def test_schedule_authors_editing_values():
+    tau, start, end = 0.05, 3, 20
+    values = [sparsity.keep_ratio_at(step, tau, start, end) for step in range(0, 26)]
+    assert values[:4] == [1.0, 1.0, 1.0, 1.0]
+    assert values[4] == pytest.approx(0.842, abs=1e-3)
+    assert all(value == tau for value in values[20:])
+    assert all(later <= earlier for earlier, later in zip(values, values[1:]))
+    # cubic form checked at one interior point
+    assert values[10] == pytest.approx(tau + (1 - tau) * (1 - 7 / 17) ** 3)
+
+
+@pytest.mark.parametrize(
+    "value,total,round_up,expected",
+    [(3, 25, False, 3), (0.1, 10, False, 1), (0.8, 10, True, 8), (0.7, 10, True, 7), (0.1, 25, False, 2),
+     (0.8, 25, True, 20), (1.0, 7, True, 7), (0.0, 7, False, 0)],
+)
+def test_resolve_step(value, total, round_up, expected):
+    assert sparsity.resolve_step(value, total, round_up=round_up) == expected
+
+
+def test_kept_count_rounds_up_ignoring_float_noise():
+    assert sparsity.kept_count(0.1, 30) == 3  # 0.1 * 30 == 3.0000000000000004
+    assert sparsity.kept_count(0.05, 64) == 4  # 3.2 -> 4
+    assert sparsity.kept_count(0.001, 10) == 1  # at least one entry
+    assert sparsity.kept_count(1.0, 10) == 10
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_topk_mask_keeps_the_largest_per_row_or_column(dim):
+    scores = torch.rand(6, 9, generator=torch.Generator().manual_seed(0))
+    keep = 3
+    mask = sparsity.topk_mask(scores, keep, dim=dim)
+    assert mask.dtype == torch.bool
+    assert (mask.sum(dim=dim) == keep).all()
+    # every kept score is >= every dropped score in the same row/column
+    kept_min = scores.masked_fill(~mask, math.inf).amin(dim=dim)
+    dropped_max = scores.masked_fill(mask, -math.inf).amax(dim=dim)
+    assert (kept_min >= dropped_max).all()
+
+
+def test_topk_mask_dense_when_keep_covers_everything():
+    assert sparsity.topk_mask(torch.rand(3, 4), 4, dim=1).all()
+
+
+def test_importance_ema_first_update_then_smoothing():
+    weight = torch.tensor([[1.0, -2.0]])
+    grad = torch.tensor([[3.0, 0.5]])
+    first = sparsity.update_importance_ema(None, weight, grad, beta=0.8)
+    assert torch.equal(first, torch.tensor([[3.0, 1.0]]))
+    second = sparsity.update_importance_ema(first, weight, torch.tensor([[0.0, 1.0]]), beta=0.8)
+    assert torch.allclose(second, torch.tensor([[0.8 * 3.0, 0.8 * 1.0 + 0.2 * 2.0]]))
+    assert second.dtype == torch.float32
+    half = sparsity.update_importance_ema(None, weight.bfloat16(), grad.bfloat16(), beta=0.8)
+    assert half.dtype == torch.float32
+
+
+def _random_factors(rank, in_features, out_features, row_densities, col_densities, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight_a = torch.zeros(rank, in_features)
+    weight_b = torch.zeros(out_features, rank)
+    for i in range(rank):  # building test inputs, not a hot path
+        kept_a = max(1, round(row_densities[i] * in_features))
+        kept_b = max(1, round(col_densities[i] * out_features))
+        weight_a[i, torch.randperm(in_features, generator=generator)[:kept_a]] = torch.randn(kept_a, generator=generator)
+        weight_b[torch.randperm(out_features, generator=generator)[:kept_b], i] = torch.randn(kept_b, generator=generator)
+    return weight_a, weight_b
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rank=st.integers(1, 8),
+    in_features=st.integers(1, 40),
+    out_features=st.integers(1, 40),
+    densities=st.lists(st.floats(0.0, 1.0), min_size=16, max_size=16),
+    seed=st.integers(0, 10_000),
+)
+def test_proposition1_density_bound_holds(rank, in_features, out_features, densities, seed):
+    weight_a, weight_b = _random_factors(rank, in_features, out_features, densities[:8], densities[8:], seed)
+    product = weight_b @ weight_a
+    density = torch.count_nonzero(product).item() / product.numel()
+    bound = sparsity.proposition1_density_bound(weight_a, weight_b)
+    assert density <= bound + 1e-12
+    # the paper's form: s(BA) >= max(0, 1 + sum_i [s(A_i) + s(B_i) - s(A_i) s(B_i)] - r)
+    zeros_a = 1 - sparsity.factor_density(weight_a, dim=1)
+    zeros_b = 1 - sparsity.factor_density(weight_b, dim=0)
+    lower = max(0.0, 1 + (zeros_a + zeros_b - zeros_a * zeros_b).sum().item() - rank)
+    assert 1 - density >= lower - 1e-6
+
+
+def test_nominal_bound_is_r_tau_squared_for_whole_counts():
+    assert sparsity.nominal_density_bound(8, 0.05, 400, 200) == pytest.approx(8 * 0.05**2)
+    # rounding up to whole entries: 0.05 * 64 = 3.2 -> 4 kept of 64
+    assert sparsity.nominal_density_bound(8, 0.05, 64, 64) == pytest.approx(8 * (4 / 64) ** 2)
+    assert sparsity.nominal_density_bound(64, 1.0, 4, 4) == 1.0
+
+
+def test_module_sparsity_counts():
+    weight_a = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # (r=2, in=3)
+    weight_b = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 3.0], [0.0, 0.0]])  # (out=4, r=2)
+    row = sparsity.module_sparsity("m", weight_a, weight_b, weight_b @ weight_a, keep_ratio=0.5)
+    assert (row.nonzeros_a, row.nonzeros_b, row.factor_nonzeros, row.factor_numel) == (2, 2, 4, 14)
+    assert row.delta_nonzeros == 2 and row.delta_numel == 12
+    assert row.max_row_density_a == pytest.approx(1 / 3) and row.max_col_density_b == pytest.approx(1 / 4)
+    assert row.proposition1_bound == pytest.approx(2 * (1 / 3) * (1 / 4))
+    assert row.delta_density <= row.proposition1_bound + 1e-12
