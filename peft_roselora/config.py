@@ -101,9 +101,10 @@ class RoseLoraConfig(LoraConfig):
     )
 
     def __post_init__(self) -> None:
+        # before LoraConfig's own checks, which would first demand the extras of options we reject anyway
+        self._check_lora_options()
         super().__post_init__()
         self.peft_type = PeftType.ROSELORA
-        self._check_lora_options()
         self._check_schedule_fields()
 
     def _check_lora_options(self) -> None:
