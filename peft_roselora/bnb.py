@@ -8,18 +8,25 @@ from __future__ import annotations
 
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 
+import torch
+
 from .layer import RoseLoraLayer
+
+
+class _QuantizedRoseLoraLayer(RoseLoraLayer):
+    def cast_merged_weight(self, merged: torch.Tensor, base_dtype: torch.dtype) -> torch.Tensor:
+        return merged  # re-quantized by the caller from the promoted dtype, as PEFT LoRA does
 
 
 if is_bnb_available():
     from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
 
-    class Linear8bitLt(RoseLoraLayer, LoraLinear8bitLt):
+    class Linear8bitLt(_QuantizedRoseLoraLayer, LoraLinear8bitLt):
         """RoseLoRA on ``bitsandbytes.nn.Linear8bitLt``."""
 
 
 if is_bnb_4bit_available():
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-    class Linear4bit(RoseLoraLayer, LoraLinear4bit):
+    class Linear4bit(_QuantizedRoseLoraLayer, LoraLinear4bit):
         """RoseLoRA on ``bitsandbytes.nn.Linear4bit`` (QLoRA); merging re-quantizes, as PEFT LoRA does."""

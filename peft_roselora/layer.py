@@ -46,7 +46,7 @@ class RoseLoraVariant(LoraVariant):
 
     @staticmethod
     def merge_safe(module: RoseLoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+        return module.cast_merged_weight(orig_weight + module.get_delta_weight(active_adapter), orig_weight.dtype)
 
     @staticmethod
     def merge_unsafe(module: RoseLoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
@@ -54,7 +54,7 @@ class RoseLoraVariant(LoraVariant):
 
     @staticmethod
     def unmerge(module: RoseLoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+        return module.cast_merged_weight(orig_weight - module.get_delta_weight(active_adapter), orig_weight.dtype)
 
     @staticmethod
     def forward(
@@ -80,6 +80,14 @@ class RoseLoraLayer(LoraLayer):
 
     def resolve_lora_variant(self, *, config, **kwargs) -> Optional[LoraVariant]:
         return RoseLoraVariant()
+
+    def cast_merged_weight(self, merged: torch.Tensor, base_dtype: torch.dtype) -> torch.Tensor:
+        """The merged (or unmerged) weight in the dtype the base layer stores: the base dtype for a plain layer.
+
+        Quantized layers override this to keep the promoted dtype, because they re-quantize the result (PEFT LoRA
+        does the same, so a merged RoseLoRA adapter equals the merged plain-LoRA export bit for bit).
+        """
+        return merged.to(base_dtype)
 
     def init_rose_state(self, adapter_name: str, prune_mode: str) -> None:
         """Create (or reset to dense) the masks of ``adapter_name`` and drop its importance statistics."""
