@@ -87,13 +87,40 @@ class RoseLoraModel(LoraModel):
             f"supported types are {SUPPORTED_TARGETS}. Remove it from `target_modules`."
         )
 
-    def add_weighted_adapter(self, *args, **kwargs):
-        """Not supported: combining (and SVD re-factorising) sparse factors does not keep their row/column masks."""
-        raise NotImplementedError(
-            "add_weighted_adapter is not supported for RoseLoRA adapters: combining or re-factorising the sparse "
-            "factors would break their row/column masks. Merge adapters with merge_and_unload() instead, or export "
-            "them with peft_roselora.export_to_lora() and combine them as plain LoRA adapters."
-        )
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd", **kwargs
+    ) -> None:
+        """Combine RoseLoRA adapters into a new one; only ``combination_type="cat"`` is supported.
+
+        ``cat`` stacks the rank-one terms of the adapters (rows of ``lora_A``, columns of ``lora_B``), so every row
+        and column keeps exactly the sparsity it had; the new adapter's masks are the stacked masks and its merged
+        delta is the weighted sum of the adapters' deltas. The other combination types sum or re-factorise (SVD) the
+        factors, which destroys the row/column structure.
+
+        Raises:
+            ValueError: for any ``combination_type`` other than ``"cat"``.
+        """
+        if combination_type != "cat":
+            raise ValueError(
+                f"add_weighted_adapter with combination_type={combination_type!r} is not supported for RoseLoRA: it "
+                "would sum or re-factorise the sparse factors and break their row/column masks. Use "
+                "combination_type='cat', which keeps them exactly."
+            )
+        for layer in self.model.modules():
+            if isinstance(layer, RoseLoraLayer):
+                for name in adapters:
+                    if name in layer.lora_A:
+                        layer.apply_masks(name)
+        super().add_weighted_adapter(adapters, weights, adapter_name, combination_type="cat", **kwargs)
+        for layer in self._rose_layers(adapter_name):
+            sources = [name for name in adapters if name in layer.lora_A]
+            stacked_a = torch.cat([layer.lora_mask_A[name] for name in sources], dim=0)
+            stacked_b = torch.cat([layer.lora_mask_B[name] for name in sources], dim=1)
+            # PEFT fills the first rows (columns) and leaves the rest of the summed rank zero where a layer holds
+            # only some of the adapters: those rank-one terms are empty, so their masks are all False
+            mask_a, mask_b = layer.lora_mask_A[adapter_name], layer.lora_mask_B[adapter_name]
+            mask_a.zero_()[: stacked_a.shape[0]] = stacked_a
+            mask_b.zero_()[:, : stacked_b.shape[1]] = stacked_b
 
     # ---- the schedule ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,250 @@
+"""pytest plugin that runs PEFT's own generic test suite against RoseLoRA.
+
+Loaded with ``-p roselora_peft_suite`` (this folder on PYTHONPATH) on the ``tests/`` folder of the peft sdist that matches the installed
+peft (see ``tests/test_peft_generic_suite.py``, which downloads it and runs this). It
+
+- replaces, in place, the parametrisation rows of ``test_custom_models.py`` and ``test_decoder_models.py``: every
+  plain-LoRA row whose targets RoseLoRA supports (``nn.Linear``, ``Conv1D``) becomes a ``RoseLoraConfig`` row with
+  the same keyword arguments; decoder models are tiny local models built from configs (nothing is downloaded);
+- rebinds the name ``LoraConfig`` inside PEFT's test modules to ``RoseLoraConfig``, so every ``config_cls ==
+  LoraConfig`` check in PEFT's tests takes the LoRA branch: a test is skipped only where PEFT skips it for LoRA;
+- keeps only the tests parametrised with ``RoseLoraConfig`` (the LoRA-specific, non-parametrised tests exercise
+  LoRA features that RoseLoRA rejects, such as DoRA);
+- deselects the tests in ``DESELECTED`` (each with its reason: a feature RoseLoRA refuses by design);
+- with ``ROSELORA_RANDOM_MASKS=1``, gives every new adapter random masks (about half of each row/column kept, at
+  least one entry) and zeroes the pruned weights, so that the checks see a genuinely sparse RoseLoRA adapter rather
+  than dense LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import types
+
+import pytest
+import torch
+
+
+def _stub_diffusers() -> None:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("diffusers")
+        stub.StableDiffusionPipeline = type("StableDiffusionPipeline", (), {})
+        sys.modules["diffusers"] = stub
+
+
+_stub_diffusers()
+
+import peft_roselora  # noqa: E402
+from peft_roselora import RoseLoraConfig, RoseLoraLayer  # noqa: E402
+
+
+SCHEDULE = {"keep_ratio": 0.5, "prune_start_step": 1, "prune_end_step": 2, "total_step": 4}
+UNSUPPORTED_KWARGS = {
+    "use_dora", "kasa_config", "velora_config", "init_lora_weights", "target_parameters", "alora_invocation_tokens",
+    "arrow_config", "use_bdlora", "monteclora_config", "trainable_token_indices", "lora_ga_config", "use_qalora",
+}
+# custom-model ids whose LoRA rows target only Linear / Conv1D layers with these target names
+SUPPORTED_CUSTOM_TARGETS = {"lin0", "lin1", "lin2", "conv1d", "linear", "layers.0.lin0"}
+RANDOM_MASKS = os.environ.get("ROSELORA_RANDOM_MASKS") == "1"
+# ROSELORA_SUITE_CONFIG=lora runs the very same selection with plain LoraConfig: the baseline whose skips RoseLoRA's
+# skips are compared with
+BASELINE = os.environ.get("ROSELORA_SUITE_CONFIG") == "lora"
+# test function name -> why it cannot apply to RoseLoRA
+DESELECTED = {
+    "test_weighted_combination_of_adapters": "add_weighted_adapter with svd/linear/ties/dare combinations is refused "
+    "by design (it would break the row/column masks); only 'cat' is supported and tested (test_roundtrip.py, and "
+    "PEFT's test_multiple_active_adapters_* here)",
+}
+_RANDOM_MASKS_CREATED = [0]
+
+
+def _config_under_test():
+    from peft import LoraConfig
+
+    return LoraConfig if BASELINE else RoseLoraConfig
+
+
+def _rose_kwargs(kwargs: dict) -> dict | None:
+    if UNSUPPORTED_KWARGS & set(kwargs):
+        if kwargs.get("init_lora_weights") not in (None, True, False, "gaussian"):
+            return None
+        if UNSUPPORTED_KWARGS - {"init_lora_weights"} & set(kwargs):
+            return None
+    return dict(kwargs) if BASELINE else {**kwargs, **SCHEDULE}
+
+
+def _targets_supported(model_id: str, kwargs: dict) -> bool:
+    targets = kwargs.get("target_modules")
+    if targets is None:
+        return False
+    names = {targets} if isinstance(targets, str) else set(targets)
+    if model_id.startswith(("Conv2d", "Conv3d", "MHA", "Conv1d", "Conv1dBigger", "Conv2d1x1")):
+        return False
+    return names <= SUPPORTED_CUSTOM_TARGETS
+
+
+def _patch_custom_models(module) -> None:
+    from peft import LoraConfig
+
+    rows = []
+    for name, model_id, config_cls, kwargs in module.TEST_CASES:
+        if config_cls is not LoraConfig or not _targets_supported(model_id, kwargs):
+            continue
+        rose = _rose_kwargs(kwargs)
+        if rose is not None:
+            rows.append((name, model_id, _config_under_test(), rose))
+    module.TEST_CASES[:] = rows
+    module.ALL_PEFT_CONFIG_CLASSES[:] = [_config_under_test()]
+    multi = []
+    for name, method, config_cls, kwargs_1, kwargs_2 in module.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES:
+        if config_cls is not LoraConfig or method != "lora":
+            continue
+        if not (_targets_supported("MLP", kwargs_1) and _targets_supported("MLP", kwargs_2)):
+            continue
+        rose_1, rose_2 = _rose_kwargs(kwargs_1), _rose_kwargs(kwargs_2)
+        if rose_1 is not None and rose_2 is not None:
+            multi.append((name, method, _config_under_test(), rose_1, rose_2))
+    module.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES[:] = multi
+    # PeftMixedModel compatibility is a hard-coded tuple inside PEFT, not available to plugins
+    module.MIXED_ADAPTER_TEST_CASES[:] = []
+
+
+def _tiny_decoders() -> list[str]:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    root = os.environ.get("ROSELORA_SUITE_MODELS") or tempfile.mkdtemp(prefix="roselora-suite-models-")
+    models = {
+        "tiny-llama": lambda: LlamaForCausalLM(LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            vocab_size=1000, max_position_embeddings=128)),
+        "tiny-gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=1000,
+                                                        n_positions=128)),
+        "tiny-opt": lambda: OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, vocab_size=1000, word_embed_proj_dim=32,
+                                                     max_position_embeddings=128)),
+    }
+    paths = []
+    for name, build in models.items():
+        path = os.path.join(root, name)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            torch.manual_seed(0)
+            build().save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def _patch_decoder_models(module) -> None:
+    from peft import LoraConfig
+
+    rows = []
+    for config_cls, kwargs in module.ALL_CONFIGS:
+        if config_cls is LoraConfig:
+            rose = _rose_kwargs(kwargs)
+            if rose is not None:
+                rows.append((_config_under_test(), rose))
+    module.ALL_CONFIGS[:] = rows
+    module.PEFT_DECODER_MODELS_TO_TEST[:] = _tiny_decoders()
+
+
+def _rebind_lora_config(*modules) -> None:
+    for module in modules:
+        if hasattr(module, "LoraConfig"):
+            module.LoraConfig = RoseLoraConfig
+    testing_utils = sys.modules.get("tests.testing_utils")
+    if testing_utils is not None:
+        original = testing_utils.set_init_weights_false
+
+        def set_init_weights_false(config_cls, kwargs):
+            # compares config classes by identity: treat RoseLoRA like LoRA
+            if config_cls is RoseLoraConfig:
+                return {**kwargs, "init_lora_weights": False}
+            return original(config_cls, kwargs)
+
+        for module in (testing_utils, *modules):
+            if hasattr(module, "set_init_weights_false"):
+                module.set_init_weights_false = set_init_weights_false
+
+
+def _install_random_masks() -> None:
+    original = RoseLoraLayer.init_rose_state
+
+    def init_rose_state(self, adapter_name, prune_mode):
+        original(self, adapter_name, prune_mode)
+        with torch.no_grad():
+            for factor, masks, dim in (("lora_A", self.lora_mask_A, 1), ("lora_B", self.lora_mask_B, 0)):
+                weight = getattr(self, factor)[adapter_name].weight
+                if weight.device.type == "meta":
+                    continue
+                mask = torch.rand(weight.shape, device=weight.device) < 0.5
+                # at least one kept entry per row of A / column of B
+                keep_one = torch.nn.functional.one_hot(
+                    torch.randint(weight.shape[dim], (weight.shape[1 - dim],)), weight.shape[dim]
+                ).bool().to(weight.device)
+                mask |= keep_one if dim == 1 else keep_one.T
+                masks[adapter_name] = mask
+                weight.masked_fill_(~mask, 0)
+                _RANDOM_MASKS_CREATED[0] += 1
+
+    RoseLoraLayer.init_rose_state = init_rose_state
+
+
+def pytest_configure(config):
+    import tests.test_custom_models as custom
+    import tests.test_decoder_models as decoder
+    import tests.testing_common as common
+
+    _patch_custom_models(custom)
+    _patch_decoder_models(decoder)
+    if not BASELINE:
+        _rebind_lora_config(custom, decoder, common)
+    if RANDOM_MASKS:
+        _install_random_masks()
+    assert peft_roselora.RoseLoraConfig is RoseLoraConfig
+
+
+def pytest_collection_modifyitems(config, items):
+    from peft import LoraConfig
+
+    selected, deselected = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if not BASELINE and params.get("config_cls") is LoraConfig and "test_name" not in params:
+            # a generic test parametrised with a literal list of config classes that includes LoraConfig: run it
+            # with RoseLoraConfig instead
+            params["config_cls"] = RoseLoraConfig
+        keep = params.get("config_cls") is _config_under_test() and item.originalname not in DESELECTED
+        (selected if keep else deselected).append(item)
+    items[:] = selected
+    config.hook.pytest_deselected(items=deselected)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    reasons = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons[reason] = reasons.get(reason, 0) + 1
+    terminalreporter.write_line(f"roselora-suite: random masks {'on' if RANDOM_MASKS else 'off'}, "
+                                f"random masks created: {_RANDOM_MASKS_CREATED[0]}")
+    for reason, count in sorted(reasons.items()):
+        terminalreporter.write_line(f"roselora-suite: skipped {count}x: {reason}")
+    for name, reason in DESELECTED.items():
+        terminalreporter.write_line(f"roselora-suite: deselected {name}: {reason}")
+    report_path = os.environ.get("ROSELORA_SUITE_REPORT")
+    if report_path:
+        stats = terminalreporter.stats
+        with open(report_path, "w") as handle:
+            json.dump({
+                "config": _config_under_test().__name__,
+                "random_masks": RANDOM_MASKS,
+                "random_masks_created": _RANDOM_MASKS_CREATED[0],
+                "passed": len(stats.get("passed", [])),
+                "failed": [r.nodeid for r in stats.get("failed", [])] + [r.nodeid for r in stats.get("error", [])],
+                "skipped": sorted(r.nodeid for r in stats.get("skipped", [])),
+                "skip_reasons": reasons,
+                "deselected": len(stats.get("deselected", [])),
+            }, handle, indent=1)
