@@ -8,6 +8,7 @@ adapters. Loading a RoseLoRA adapter in a process that has not imported ``peft_r
 
 from ._registration import add_peft_type_member
 
+
 add_peft_type_member()
 
 from ._registration import register  # noqa: E402

@@ -43,5 +43,6 @@ def register() -> None:
     peft_type = add_peft_type_member()
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
-    register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=RoseLoraConfig, model_cls=RoseLoraModel,
-                         prefix=RoseLoraModel.prefix)
+    register_peft_method(
+        name=PEFT_TYPE_NAME.lower(), config_cls=RoseLoraConfig, model_cls=RoseLoraModel, prefix=RoseLoraModel.prefix
+    )

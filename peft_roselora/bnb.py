@@ -6,9 +6,8 @@ unmerge to the adapter's ``LoraVariant``; these classes only add the RoseLoRA st
 
 from __future__ import annotations
 
-from peft.import_utils import is_bnb_4bit_available, is_bnb_available
-
 import torch
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 
 from .layer import RoseLoraLayer
 

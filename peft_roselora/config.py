@@ -128,10 +128,16 @@ class RoseLoraConfig(LoraConfig):
             raise ValueError(f"`keep_ratio` must be in (0, 1], got {self.keep_ratio}.")
         if isinstance(self.importance_beta, bool) or not 0.0 <= self.importance_beta < 1.0:
             raise ValueError(f"`importance_beta` must be in [0, 1), got {self.importance_beta!r}.")
-        if isinstance(self.prune_interval, bool) or not isinstance(self.prune_interval, int) or self.prune_interval < 1:
+        if (
+            isinstance(self.prune_interval, bool)
+            or not isinstance(self.prune_interval, int)
+            or self.prune_interval < 1
+        ):
             raise ValueError(f"`prune_interval` must be an integer >= 1, got {self.prune_interval!r}.")
         if self.clamp_value is not None and not (
-            isinstance(self.clamp_value, (int, float)) and not isinstance(self.clamp_value, bool) and self.clamp_value > 0
+            isinstance(self.clamp_value, (int, float))
+            and not isinstance(self.clamp_value, bool)
+            and self.clamp_value > 0
         ):
             raise ValueError(f"`clamp_value` must be None (off) or a number > 0, got {self.clamp_value!r}.")
         if self.prune_mode not in PRUNE_MODES:
@@ -139,15 +145,19 @@ class RoseLoraConfig(LoraConfig):
         if self.total_step is not None and (
             isinstance(self.total_step, bool) or not isinstance(self.total_step, int) or self.total_step < 1
         ):
-            raise ValueError(f"`total_step` must be None (set later by a trainer) or an integer >= 1, got "
-                             f"{self.total_step!r}.")
+            raise ValueError(
+                f"`total_step` must be None (set later by a trainer) or an integer >= 1, got {self.total_step!r}."
+            )
         for name in ("prune_start_step", "prune_end_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"`{name}` must be an int step count >= 0 or a float fraction in [0, 1], got {value!r}.")
+                raise ValueError(
+                    f"`{name}` must be an int step count >= 0 or a float fraction in [0, 1], got {value!r}."
+                )
             if isinstance(value, float) and not 0.0 <= value <= 1.0:
-                raise ValueError(f"`{name}` given as a float is a fraction of total_step and must be in [0, 1], got "
-                                 f"{value}.")
+                raise ValueError(
+                    f"`{name}` given as a float is a fraction of total_step and must be in [0, 1], got {value}."
+                )
             if isinstance(value, int) and value < 0:
                 raise ValueError(f"`{name}` given as an int is a step count and must be >= 0, got {value}.")
         if isinstance(self.prune_start_step, int) and isinstance(self.prune_end_step, int):

@@ -51,6 +51,9 @@ def export_to_lora(model: torch.nn.Module, save_directory: str, adapter_name: st
     lora_config = LoraConfig(**{name: getattr(config, name) for name in lora_fields})
     os.makedirs(save_directory, exist_ok=True)
     lora_config.save_pretrained(save_directory)
-    save_file({k: v.contiguous() for k, v in exported.items()}, os.path.join(save_directory, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in exported.items()},
+        os.path.join(save_directory, "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return lora_config

@@ -18,8 +18,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.lora import LoraLayer
 from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
 
@@ -99,10 +99,12 @@ class RoseLoraLayer(LoraLayer):
             self.rose_prune_mode: dict[str, str] = {}
         base_weight = self.get_base_layer().weight
         device = base_weight.device
-        self.lora_mask_A[adapter_name] = torch.ones(self.lora_A[adapter_name].weight.shape, dtype=torch.bool,
-                                                    device=device)
-        self.lora_mask_B[adapter_name] = torch.ones(self.lora_B[adapter_name].weight.shape, dtype=torch.bool,
-                                                    device=device)
+        self.lora_mask_A[adapter_name] = torch.ones(
+            self.lora_A[adapter_name].weight.shape, dtype=torch.bool, device=device
+        )
+        self.lora_mask_B[adapter_name] = torch.ones(
+            self.lora_B[adapter_name].weight.shape, dtype=torch.bool, device=device
+        )
         self.rose_importance_A.pop(adapter_name, None)
         self.rose_importance_B.pop(adapter_name, None)
         self.rose_prune_mode[adapter_name] = prune_mode
@@ -199,4 +201,4 @@ class Linear(RoseLoraLayer, LoraLinear):
     """RoseLoRA on ``torch.nn.Linear`` and ``transformers.pytorch_utils.Conv1D`` (``fan_in_fan_out``) bases."""
 
     def __repr__(self) -> str:
-        return "roselora." + LoraLinear.__repr__(self)[len("lora."):]
+        return "roselora." + LoraLinear.__repr__(self)[len("lora.") :]

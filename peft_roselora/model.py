@@ -73,12 +73,16 @@ class RoseLoraModel(LoraModel):
                 return Linear4bit(target, adapter_name, config=lora_config, **kwargs)
         if isinstance(base_layer, torch.nn.Linear):
             if lora_config.fan_in_fan_out:
-                warnings.warn(f"fan_in_fan_out=True but '{target_name}' is a torch.nn.Linear: using False.")
+                warnings.warn(
+                    f"fan_in_fan_out=True but '{target_name}' is a torch.nn.Linear: using False.", stacklevel=2
+                )
                 lora_config.fan_in_fan_out = False
             return Linear(target, adapter_name, config=lora_config, **kwargs)
         if isinstance(base_layer, Conv1D):
             if not lora_config.fan_in_fan_out:
-                warnings.warn(f"fan_in_fan_out=False but '{target_name}' is a transformers Conv1D: using True.")
+                warnings.warn(
+                    f"fan_in_fan_out=False but '{target_name}' is a transformers Conv1D: using True.", stacklevel=2
+                )
                 lora_config.fan_in_fan_out = True
             return Linear(target, adapter_name, config=lora_config, is_target_conv_1d_layer=True, **kwargs)
         layer_type = type(base_layer)

@@ -265,9 +265,7 @@ class SparsityReport:
     @property
     def within_bounds(self) -> bool:
         """Whether every module's merged delta respects both bounds."""
-        return all(
-            row.delta_density <= min(row.nominal_bound, row.proposition1_bound) + 1e-12 for row in self.modules
-        )
+        return all(row.delta_density <= min(row.nominal_bound, row.proposition1_bound) + 1e-12 for row in self.modules)
 
     def to_dict(self) -> dict:
         """JSON-ready summary with the per-module rows."""

@@ -30,15 +30,23 @@ def base_dir(tmp_path_factory):
 
 
 def _load(base_dir, quantization):
-    return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=QUANTIZATIONS[quantization],
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=QUANTIZATIONS[quantization], dtype=torch.float32
+    ).eval()
 
 
 @pytest.mark.parametrize("quantization", list(QUANTIZATIONS))
 def test_quantized_base_train_save_reload_merge(quantization, base_dir, tmp_path):
     expected_layer = bnb.nn.Linear4bit if quantization.startswith("4bit") else bnb.nn.Linear8bitLt
-    config = RoseLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], keep_ratio=0.25,
-                            prune_start_step=2, prune_end_step=5, total_step=6)
+    config = RoseLoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        keep_ratio=0.25,
+        prune_start_step=2,
+        prune_end_step=5,
+        total_step=6,
+    )
     model = get_peft_model(_load(base_dir, quantization), config)
     layers = [m for m in model.modules() if isinstance(m, RoseLoraLayer)]
     assert layers and all(isinstance(m.get_base_layer(), expected_layer) for m in layers)
@@ -63,7 +71,7 @@ def test_quantized_base_train_save_reload_merge(quantization, base_dir, tmp_path
         assert torch.allclose(reloaded(input_ids=ids).logits, adapted, atol=1e-5)
 
     # Merge a freshly loaded copy: on CPU, bitsandbytes 0.50 repacks a 4-bit weight at its first forward pass and
-    # PEFT's dequantize_bnb_weight then misreads it, for plain LoRA as much as for RoseLoRA (docs/quantization.md).
+    # PEFT's dequantize_bnb_weight then misreads it, for plain LoRA as much as for RoseLoRA (docs/usage.md, "Quantized bases").
     merged = PeftModel.from_pretrained(_load(base_dir, quantization), tmp_path).merge_and_unload()
     assert not any(isinstance(m, RoseLoraLayer) for m in merged.modules())
     assert any(isinstance(m, expected_layer) for m in merged.modules())  # still quantized: merged into the base

@@ -32,14 +32,19 @@ def test_defaults_and_peft_type():
         ({"prune_mode": "magnitude"}, r"`prune_mode` must be one of \['authors', 'persistent'\], got 'magnitude'"),
         ({"total_step": 0}, r"`total_step` must be None \(set later by a trainer\) or an integer >= 1, got 0"),
         ({"prune_start_step": -1}, r"`prune_start_step` given as an int is a step count and must be >= 0, got -1"),
-        ({"prune_end_step": 1.5}, r"`prune_end_step` given as a float is a fraction of total_step and must be in "
-                                  r"\[0, 1\], got 1.5"),
+        (
+            {"prune_end_step": 1.5},
+            r"`prune_end_step` given as a float is a fraction of total_step and must be in "
+            r"\[0, 1\], got 1.5",
+        ),
         ({"prune_start_step": "3"}, r"`prune_start_step` must be an int step count >= 0 or a float fraction"),
         ({"prune_start_step": 5, "prune_end_step": 5}, r"`prune_start_step` \(5\) must be < `prune_end_step` \(5\)"),
         ({"prune_start_step": 0.8, "prune_end_step": 0.2}, r"`prune_start_step` \(0.8\) must be < `prune_end_step`"),
-        ({"prune_start_step": 3, "prune_end_step": 30, "total_step": 25},
-         r"prune_start_step < prune_end_step <= total_step, got prune_start_step=3 -> 3, prune_end_step=30 -> 30, "
-         r"total_step=25"),
+        (
+            {"prune_start_step": 3, "prune_end_step": 30, "total_step": 25},
+            r"prune_start_step < prune_end_step <= total_step, got prune_start_step=3 -> 3, prune_end_step=30 -> 30, "
+            r"total_step=25",
+        ),
         ({"prune_start_step": 20, "prune_end_step": 0.5, "total_step": 25}, r"prune_end_step=0.5 -> 13"),
     ],
 )
@@ -81,8 +86,16 @@ def test_fractions_resolve_against_total_step():
 
 
 def test_config_round_trip(tmp_path):
-    config = RoseLoraConfig(r=4, target_modules=["q_proj"], keep_ratio=0.05, prune_start_step=3, prune_end_step=20,
-                            total_step=25, clamp_value=3e-3, prune_mode="persistent")
+    config = RoseLoraConfig(
+        r=4,
+        target_modules=["q_proj"],
+        keep_ratio=0.05,
+        prune_start_step=3,
+        prune_end_step=20,
+        total_step=25,
+        clamp_value=3e-3,
+        prune_mode="persistent",
+    )
     config.save_pretrained(tmp_path)
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, RoseLoraConfig)

@@ -31,9 +31,20 @@ def peft_sdist() -> Path:
     if not (target / "tests" / "test_custom_models.py").exists():
         SUITE_ROOT.mkdir(exist_ok=True)
         download = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"peft=={peft_version}",
-             "-d", str(SUITE_ROOT)],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"peft=={peft_version}",
+                "-d",
+                str(SUITE_ROOT),
+            ],
+            capture_output=True,
+            text=True,
         )
         assert download.returncode == 0, f"could not download the peft {peft_version} sdist:\n{download.stderr}"
         with tarfile.open(SUITE_ROOT / f"peft-{peft_version}.tar.gz") as archive:
@@ -54,17 +65,30 @@ def _run_suite(sdist: Path, config: str, random_masks: bool, tmp_path: Path) -> 
         "HF_HUB_OFFLINE": "1",
     }
     command = [
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "roselora_peft_suite",
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "roselora_peft_suite",
         # PEFT's own addopts need pytest-cov; its filterwarnings turn transformers' FutureWarnings into errors, and
         # peft 0.21 itself calls `is_gradient_checkpointing`, which transformers 5.x deprecates: failures for LoRA too
-        "-o", "addopts=", "-o", "filterwarnings=ignore::FutureWarning",
-        "tests/test_custom_models.py", "tests/test_decoder_models.py",
+        "-o",
+        "addopts=",
+        "-o",
+        "filterwarnings=ignore::FutureWarning",
+        "tests/test_custom_models.py",
+        "tests/test_decoder_models.py",
     ]
     result = subprocess.run(command, cwd=sdist, env=env, capture_output=True, text=True, timeout=900)
     assert report.exists(), result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads(report.read_text())
-    print(f"\n[{config}, random masks {random_masks}] passed {summary['passed']}, skipped "
-          f"{len(summary['skipped'])}, deselected {summary['deselected']}, failed {len(summary['failed'])}")
+    print(
+        f"\n[{config}, random masks {random_masks}] passed {summary['passed']}, skipped "
+        f"{len(summary['skipped'])}, deselected {summary['deselected']}, failed {len(summary['failed'])}"
+    )
     assert not summary["failed"], "\n".join(summary["failed"]) + result.stdout[-6000:]
     assert result.returncode == 0, result.stdout[-4000:]
     return summary

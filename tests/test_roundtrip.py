@@ -34,8 +34,15 @@ MODELS = {
 
 def _trained(kind: str, seed: int = 0, keep_ratio: float = 0.25, adapter_name: str = "default"):
     factory, targets = MODELS[kind]
-    config = RoseLoraConfig(r=4, lora_alpha=8, target_modules=targets, keep_ratio=keep_ratio, prune_start_step=2,
-                            prune_end_step=6, total_step=8)
+    config = RoseLoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        keep_ratio=keep_ratio,
+        prune_start_step=2,
+        prune_end_step=6,
+        total_step=8,
+    )
     model = get_peft_model(factory(), config, adapter_name=adapter_name)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     peft_roselora.register_optimizer_hooks(model, optimizer)
@@ -73,8 +80,10 @@ def test_save_and_load_in_a_fresh_process(kind, tmp_path):
     saved = load_file(adapter_dir / "adapter_model.safetensors")
     assert any("lora_mask_A" in k for k in saved) and not any("importance" in k for k in saved)
     expected_logits = _logits(model)
-    save_file({"logits": expected_logits, "ids": random_batch(99), **{k: v for k, v in _masks(model).items()}},
-              tmp_path / "expected.safetensors")
+    save_file(
+        {"logits": expected_logits, "ids": random_batch(99), **{k: v for k, v in _masks(model).items()}},
+        tmp_path / "expected.safetensors",
+    )
 
     _run_fresh(
         """
@@ -101,7 +110,9 @@ def test_save_and_load_in_a_fresh_process(kind, tmp_path):
             assert torch.allclose(auto(input_ids=expected["ids"]).logits, expected["logits"], atol=1e-6)
         print("ok")
         """,
-        expected=tmp_path / "expected.safetensors", base=base_dir, adapter=adapter_dir,
+        expected=tmp_path / "expected.safetensors",
+        base=base_dir,
+        adapter=adapter_dir,
     )
 
 
@@ -110,7 +121,9 @@ def test_loading_without_the_import_fails_with_keyerror(tmp_path):
     model.save_pretrained(tmp_path)
     result = subprocess.run(
         [sys.executable, "-c", f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode != 0 and "KeyError: 'ROSELORA'" in result.stderr
 
@@ -145,8 +158,9 @@ def test_merged_delta_touches_only_the_bounded_set(kind):
         assert row.delta_density <= row.rank * 0.25**2 + 1e-12  # 64-, 192- and 256-wide layers: tau * n is whole
     base = MODELS[kind][0]()
     merged = model.merge_and_unload()
-    changed = sum(int(torch.count_nonzero(p_new - p_old)) for p_new, p_old in
-                  zip(merged.parameters(), base.parameters()))
+    changed = sum(
+        int(torch.count_nonzero(p_new - p_old)) for p_new, p_old in zip(merged.parameters(), base.parameters())
+    )
     assert changed <= report.delta_nonzeros
 
 
@@ -179,15 +193,27 @@ def test_export_to_plain_lora_loads_in_stock_peft(kind, tmp_path):
         with torch.no_grad():
             assert torch.allclose(model(input_ids=expected["ids"]).logits, expected["logits"], atol=1e-6)
         """,
-        expected=tmp_path / "expected.safetensors", base=base_dir, adapter=export_dir,
+        expected=tmp_path / "expected.safetensors",
+        base=base_dir,
+        adapter=export_dir,
     )
 
 
 def test_multiple_adapters_set_delete_and_mixed_batch():
     model = _trained("llama", seed=0, adapter_name="first")
     second = _trained("llama", seed=5, adapter_name="second")
-    model.add_adapter("second", RoseLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                               keep_ratio=0.25, total_step=8, prune_start_step=2, prune_end_step=6))
+    model.add_adapter(
+        "second",
+        RoseLoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            keep_ratio=0.25,
+            total_step=8,
+            prune_start_step=2,
+            prune_end_step=6,
+        ),
+    )
     set_peft_model_state_dict(model, get_peft_model_state_dict(second, adapter_name="second"), adapter_name="second")
     ids = random_batch(99, batch=4)
     model.set_adapter("first")
@@ -212,8 +238,9 @@ def test_multiple_adapters_set_delete_and_mixed_batch():
 
 def test_schedule_runs_per_adapter():
     model = _trained("llama", adapter_name="first")
-    model.add_adapter("second", RoseLoraConfig(r=4, target_modules=["q_proj"], total_step=4, prune_start_step=1,
-                                               prune_end_step=3))
+    model.add_adapter(
+        "second", RoseLoraConfig(r=4, target_modules=["q_proj"], total_step=4, prune_start_step=1, prune_end_step=3)
+    )
     model.set_adapter("second")
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     peft_roselora.register_optimizer_hooks(model, optimizer)
@@ -228,8 +255,11 @@ def test_add_weighted_adapter_is_refused():
 
 
 def test_unsupported_target_module_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"RoseLoRA cannot adapt module 'model.embed_tokens' of type "
-                                         r"torch.nn.modules.sparse.Embedding"):
+    with pytest.raises(
+        ValueError,
+        match=r"RoseLoRA cannot adapt module 'model.embed_tokens' of type "
+        r"torch.nn.modules.sparse.Embedding",
+    ):
         get_peft_model(make_tiny_llama(), RoseLoraConfig(target_modules=["embed_tokens"]))
 
 

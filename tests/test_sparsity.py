@@ -25,8 +25,16 @@ def test_schedule_authors_editing_values():
 
 @pytest.mark.parametrize(
     "value,total,round_up,expected",
-    [(3, 25, False, 3), (0.1, 10, False, 1), (0.8, 10, True, 8), (0.7, 10, True, 7), (0.1, 25, False, 2),
-     (0.8, 25, True, 20), (1.0, 7, True, 7), (0.0, 7, False, 0)],
+    [
+        (3, 25, False, 3),
+        (0.1, 10, False, 1),
+        (0.8, 10, True, 8),
+        (0.7, 10, True, 7),
+        (0.1, 25, False, 2),
+        (0.8, 25, True, 20),
+        (1.0, 7, True, 7),
+        (0.0, 7, False, 0),
+    ],
 )
 def test_resolve_step(value, total, round_up, expected):
     assert sparsity.resolve_step(value, total, round_up=round_up) == expected
@@ -75,8 +83,12 @@ def _random_factors(rank, in_features, out_features, row_densities, col_densitie
     for i in range(rank):  # building test inputs, not a hot path
         kept_a = max(1, round(row_densities[i] * in_features))
         kept_b = max(1, round(col_densities[i] * out_features))
-        weight_a[i, torch.randperm(in_features, generator=generator)[:kept_a]] = torch.randn(kept_a, generator=generator)
-        weight_b[torch.randperm(out_features, generator=generator)[:kept_b], i] = torch.randn(kept_b, generator=generator)
+        weight_a[i, torch.randperm(in_features, generator=generator)[:kept_a]] = torch.randn(
+            kept_a, generator=generator
+        )
+        weight_b[torch.randperm(out_features, generator=generator)[:kept_b], i] = torch.randn(
+            kept_b, generator=generator
+        )
     return weight_a, weight_b
 
 

@@ -18,8 +18,14 @@ EDIT_SCHEDULE = {"keep_ratio": 0.05, "prune_start_step": 3, "prune_end_step": 20
 
 
 def _roselora(model, **overrides):
-    kwargs = {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1,
-              "init_lora_weights": "gaussian", **EDIT_SCHEDULE}
+    kwargs = {
+        "r": 8,
+        "lora_alpha": 32,
+        "target_modules": ["q_proj", "v_proj"],
+        "lora_dropout": 0.1,
+        "init_lora_weights": "gaussian",
+        **EDIT_SCHEDULE,
+    }
     kwargs.update(overrides)
     return get_peft_model(model, RoseLoraConfig(**kwargs))
 
@@ -106,8 +112,9 @@ def _reference_authors_training(model, steps, lr, clamp_value=None):
 def test_matches_independent_reference_of_the_authors_step(clamp_value):
     base = make_tiny_llama(seed=3)
     rose = _roselora(copy.deepcopy(base), clamp_value=clamp_value)
-    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"],
-                                                           lora_dropout=0.1))
+    lora = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    )
     # the same random initialisation for both
     lora.load_state_dict({k: v for k, v in rose.state_dict().items() if "lora_mask" not in k}, strict=False)
     for name, p in lora.named_parameters():

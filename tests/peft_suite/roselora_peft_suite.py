@@ -1,6 +1,6 @@
 """pytest plugin that runs PEFT's own generic test suite against RoseLoRA.
 
-Loaded with ``-p roselora_peft_suite`` (this folder on PYTHONPATH) on the ``tests/`` folder of the peft sdist that matches the installed
+Loaded with ``-p roselora_peft_suite`` (this folder on PYTHONPATH) in the peft sdist that matches the installed
 peft (see ``tests/test_peft_generic_suite.py``, which downloads it and runs this). It
 
 - replaces, in place, the parametrisation rows of ``test_custom_models.py`` and ``test_decoder_models.py``: every
@@ -24,7 +24,6 @@ import sys
 import tempfile
 import types
 
-import pytest
 import torch
 
 
@@ -45,8 +44,18 @@ from peft_roselora import RoseLoraConfig, RoseLoraLayer  # noqa: E402
 
 SCHEDULE = {"keep_ratio": 0.5, "prune_start_step": 1, "prune_end_step": 2, "total_step": 4}
 UNSUPPORTED_KWARGS = {
-    "use_dora", "kasa_config", "velora_config", "init_lora_weights", "target_parameters", "alora_invocation_tokens",
-    "arrow_config", "use_bdlora", "monteclora_config", "trainable_token_indices", "lora_ga_config", "use_qalora",
+    "use_dora",
+    "kasa_config",
+    "velora_config",
+    "init_lora_weights",
+    "target_parameters",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "use_bdlora",
+    "monteclora_config",
+    "trainable_token_indices",
+    "lora_ga_config",
+    "use_qalora",
 }
 # custom-model ids whose LoRA rows target only Linear / Conv1D layers with these target names
 SUPPORTED_CUSTOM_TARGETS = {"lin0", "lin1", "lin2", "conv1d", "linear", "layers.0.lin0"}
@@ -119,14 +128,31 @@ def _tiny_decoders() -> list[str]:
 
     root = os.environ.get("ROSELORA_SUITE_MODELS") or tempfile.mkdtemp(prefix="roselora-suite-models-")
     models = {
-        "tiny-llama": lambda: LlamaForCausalLM(LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-            vocab_size=1000, max_position_embeddings=128)),
-        "tiny-gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=1000,
-                                                        n_positions=128)),
-        "tiny-opt": lambda: OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                                                     num_attention_heads=4, vocab_size=1000, word_embed_proj_dim=32,
-                                                     max_position_embeddings=128)),
+        "tiny-llama": lambda: LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                vocab_size=1000,
+                max_position_embeddings=128,
+            )
+        ),
+        "tiny-gpt2": lambda: GPT2LMHeadModel(
+            GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=1000, n_positions=128)
+        ),
+        "tiny-opt": lambda: OPTForCausalLM(
+            OPTConfig(
+                hidden_size=32,
+                ffn_dim=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=1000,
+                word_embed_proj_dim=32,
+                max_position_embeddings=128,
+            )
+        ),
     }
     paths = []
     for name, build in models.items():
@@ -182,9 +208,13 @@ def _install_random_masks() -> None:
                     continue
                 mask = torch.rand(weight.shape, device=weight.device) < 0.5
                 # at least one kept entry per row of A / column of B
-                keep_one = torch.nn.functional.one_hot(
-                    torch.randint(weight.shape[dim], (weight.shape[1 - dim],)), weight.shape[dim]
-                ).bool().to(weight.device)
+                keep_one = (
+                    torch.nn.functional.one_hot(
+                        torch.randint(weight.shape[dim], (weight.shape[1 - dim],)), weight.shape[dim]
+                    )
+                    .bool()
+                    .to(weight.device)
+                )
                 mask |= keep_one if dim == 1 else keep_one.T
                 masks[adapter_name] = mask
                 weight.masked_fill_(~mask, 0)
@@ -228,8 +258,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for report in terminalreporter.stats.get("skipped", []):
         reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reasons[reason] = reasons.get(reason, 0) + 1
-    terminalreporter.write_line(f"roselora-suite: random masks {'on' if RANDOM_MASKS else 'off'}, "
-                                f"random masks created: {_RANDOM_MASKS_CREATED[0]}")
+    terminalreporter.write_line(
+        f"roselora-suite: random masks {'on' if RANDOM_MASKS else 'off'}, "
+        f"random masks created: {_RANDOM_MASKS_CREATED[0]}"
+    )
     for reason, count in sorted(reasons.items()):
         terminalreporter.write_line(f"roselora-suite: skipped {count}x: {reason}")
     for name, reason in DESELECTED.items():
@@ -238,13 +270,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if report_path:
         stats = terminalreporter.stats
         with open(report_path, "w") as handle:
-            json.dump({
-                "config": _config_under_test().__name__,
-                "random_masks": RANDOM_MASKS,
-                "random_masks_created": _RANDOM_MASKS_CREATED[0],
-                "passed": len(stats.get("passed", [])),
-                "failed": [r.nodeid for r in stats.get("failed", [])] + [r.nodeid for r in stats.get("error", [])],
-                "skipped": sorted(r.nodeid for r in stats.get("skipped", [])),
-                "skip_reasons": reasons,
-                "deselected": len(stats.get("deselected", [])),
-            }, handle, indent=1)
+            json.dump(
+                {
+                    "config": _config_under_test().__name__,
+                    "random_masks": RANDOM_MASKS,
+                    "random_masks_created": _RANDOM_MASKS_CREATED[0],
+                    "passed": len(stats.get("passed", [])),
+                    "failed": [r.nodeid for r in stats.get("failed", [])] + [r.nodeid for r in stats.get("error", [])],
+                    "skipped": sorted(r.nodeid for r in stats.get("skipped", [])),
+                    "skip_reasons": reasons,
+                    "deselected": len(stats.get("deselected", [])),
+                },
+                handle,
+                indent=1,
+            )
