@@ -71,7 +71,8 @@ def test_quantized_base_train_save_reload_merge(quantization, base_dir, tmp_path
         assert torch.allclose(reloaded(input_ids=ids).logits, adapted, atol=1e-5)
 
     # Merge a freshly loaded copy: on CPU, bitsandbytes 0.50 repacks a 4-bit weight at its first forward pass and
-    # PEFT's dequantize_bnb_weight then misreads it, for plain LoRA as much as for RoseLoRA (docs/usage.md, "Quantized bases").
+    # PEFT's dequantize_bnb_weight then misreads it, for plain LoRA as much as for RoseLoRA (docs/usage.md,
+    # "Quantized bases").
     merged = PeftModel.from_pretrained(_load(base_dir, quantization), tmp_path).merge_and_unload()
     assert not any(isinstance(m, RoseLoraLayer) for m in merged.modules())
     assert any(isinstance(m, expected_layer) for m in merged.modules())  # still quantized: merged into the base
