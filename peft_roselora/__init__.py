@@ -12,6 +12,7 @@ from ._registration import add_peft_type_member
 add_peft_type_member()
 
 from ._registration import register  # noqa: E402
+from .callback import RoseLoraCallback, UnsupportedSetupError  # noqa: E402
 from .config import RoseLoraConfig  # noqa: E402
 from .export import export_to_lora  # noqa: E402
 from .layer import RoseLoraLayer, RoseLoraVariant  # noqa: E402
@@ -26,11 +27,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ModuleSparsity",
+    "RoseLoraCallback",
     "RoseLoraConfig",
     "RoseLoraLayer",
     "RoseLoraModel",
     "RoseLoraVariant",
     "SparsityReport",
+    "UnsupportedSetupError",
     "export_to_lora",
     "register_optimizer_hooks",
 ]

@@ -13,6 +13,7 @@ variant for RoseLoRA adapters. ``RoseLoraLayer`` adds the per-adapter state:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -24,6 +25,18 @@ from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
 
 from . import sparsity
+
+
+# training forward passes of an adapter whose schedule never ran before RoseLoRA warns that this is plain LoRA
+UNSCHEDULED_FORWARDS_BEFORE_WARNING = 20
+
+
+def _is_sharded(weight: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(weight, DTensor)
 
 
 class RoseLoraVariant(LoraVariant):
@@ -60,6 +73,8 @@ class RoseLoraVariant(LoraVariant):
     def forward(
         module: RoseLoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
+        if module.training and active_adapter not in module.rose_importance_A and torch.is_grad_enabled():
+            module.count_unscheduled_forward()
         weight_a, weight_b = module.masked_factors(active_adapter)
         dropout = module.lora_dropout[active_adapter]
         hidden = F.linear(dropout(x.to(weight_a.dtype)), weight_a)
@@ -109,6 +124,19 @@ class RoseLoraLayer(LoraLayer):
         self.rose_importance_B.pop(adapter_name, None)
         self.rose_prune_mode[adapter_name] = prune_mode
 
+    def count_unscheduled_forward(self) -> None:
+        """Count a training forward pass of an adapter whose importance was never updated; warn at the 20th."""
+        self._rose_unscheduled_forwards = getattr(self, "_rose_unscheduled_forwards", 0) + 1
+        if self._rose_unscheduled_forwards == UNSCHEDULED_FORWARDS_BEFORE_WARNING:
+            warnings.warn(
+                f"RoseLoRA: {UNSCHEDULED_FORWARDS_BEFORE_WARNING} training forward passes ran but the sparsity "
+                "schedule never did, so this is training plain (dense) LoRA. Add RoseLoraCallback() to the Trainer's "
+                "callbacks, call peft_roselora.register_optimizer_hooks(model, optimizer), or call "
+                "model.update_importance() / model.prune_step() around optimizer.step().",
+                UserWarning,
+                stacklevel=2,
+            )
+
     def masked_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The masked factors of ``adapter_name``: ``(A * mask_A, B * mask_B)``, shapes ``(r, in)`` and ``(out, r)``.
 
@@ -153,6 +181,11 @@ class RoseLoraLayer(LoraLayer):
         """
         for factor, store in (("lora_A", self.rose_importance_A), ("lora_B", self.rose_importance_B)):
             weight = getattr(self, factor)[adapter_name].weight
+            if _is_sharded(weight):
+                raise NotImplementedError(
+                    f"RoseLoRA found a sharded {factor} (FSDP2 / DTensor) in adapter '{adapter_name}': per-row and "
+                    "per-column top-k over shards is not supported. Train with DDP (see docs/training.md)."
+                )
             if weight.grad is None:
                 raise RuntimeError(
                     f"RoseLoRA importance update for adapter '{adapter_name}' found no gradient on {factor}: call it "

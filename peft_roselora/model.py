@@ -256,7 +256,62 @@ class RoseLoraModel(LoraModel):
             self._rose_steps[name] = global_step
         return self.prune_step()
 
+    # ---- training checkpoints ----------------------------------------------------------------------------------
+
+    def roselora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The schedule state that is not in the adapter file: per adapter the step ``t`` and the fp32 importance
+        EMAs of every factor. Save it with training checkpoints (``RoseLoraCallback`` does) so that a resumed run
+        ends exactly where an uninterrupted one would; masks and weights travel in the adapter / model state.
+
+        Returns:
+            dict[str, Tensor]: keys ``"<adapter>::step"`` (int64 scalar), ``"<adapter>::pending"`` (bool scalar) and
+            ``"<adapter>::<module>::importance_A"`` / ``"...::importance_B"`` (fp32, CPU).
+        """
+        state = {}
+        for name in self.peft_config:
+            state[f"{name}::step"] = torch.tensor(self._rose_steps.get(name, 0), dtype=torch.int64)
+            state[f"{name}::pending"] = torch.tensor(self._rose_importance_pending.get(name, False))
+            for module_name, module in self.model.named_modules():
+                if isinstance(module, RoseLoraLayer) and name in module.rose_importance_A:
+                    state[f"{name}::{module_name}::importance_A"] = module.rose_importance_A[name].detach().cpu()
+                    state[f"{name}::{module_name}::importance_B"] = module.rose_importance_B[name].detach().cpu()
+        return state
+
+    def load_roselora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`roselora_state_dict` returned.
+
+        Raises:
+            ValueError: if ``state`` names an adapter or module this model does not have.
+        """
+        modules = {name: m for name, m in self.model.named_modules() if isinstance(m, RoseLoraLayer)}
+        for key, value in state.items():
+            parts = key.split("::")
+            if parts[0] not in self.peft_config:
+                raise ValueError(f"RoseLoRA state names adapter '{parts[0]}', which this model does not have.")
+            if parts[1] == "step":
+                self._rose_steps[parts[0]] = int(value)
+            elif parts[1] == "pending":
+                self._rose_importance_pending[parts[0]] = bool(value)
+            else:
+                module = modules.get(parts[1])
+                if module is None or parts[0] not in module.lora_A:
+                    raise ValueError(f"RoseLoRA state names module '{parts[1]}', which has no adapter '{parts[0]}'.")
+                store = module.rose_importance_A if parts[2] == "importance_A" else module.rose_importance_B
+                store[parts[0]] = value.to(device=module.lora_A[parts[0]].weight.device, dtype=torch.float32)
+
     # ---- reporting ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def factor_density(self, adapter_name: Optional[str] = None) -> float:
+        """Fraction of non-zero entries over all ``lora_A`` and ``lora_B`` factors of the adapter (cheap: no merged
+        deltas are formed; use :meth:`sparsity_report` for those)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        nonzeros = numel = 0
+        for layer in self._rose_layers(adapter_name):
+            weight_a, weight_b = layer.masked_factors(adapter_name)
+            nonzeros += int(torch.count_nonzero(weight_a)) + int(torch.count_nonzero(weight_b))
+            numel += weight_a.numel() + weight_b.numel()
+        return nonzeros / max(1, numel)
 
     @torch.no_grad()
     def sparsity_report(self, adapter_name: Optional[str] = None) -> sparsity.SparsityReport:

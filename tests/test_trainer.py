@@ -1,0 +1,171 @@
+"""RoseLoraCallback in transformers.Trainer: schedule, gradient accumulation, logs, resume, unsupported setups."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import VOCAB_SIZE, make_tiny_llama
+from datasets import Dataset
+from peft import get_peft_model
+from transformers import Trainer, TrainingArguments
+
+from peft_roselora import RoseLoraCallback, RoseLoraConfig, RoseLoraLayer, UnsupportedSetupError
+
+
+def _dataset(rows: int = 64, length: int = 16, seed: int = 0) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB_SIZE, (rows, length), generator=generator).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def _args(tmp_path, **overrides) -> TrainingArguments:
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=20,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def _model(keep_ratio: float = 0.25, **config):
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "keep_ratio": keep_ratio, **config}
+    return get_peft_model(make_tiny_llama(), RoseLoraConfig(**config))
+
+
+def _masks_and_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_trainer_reaches_target_sparsity_once_per_optimizer_step(tmp_path, accumulation):
+    model = _model()
+    callback = RoseLoraCallback()
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, gradient_accumulation_steps=accumulation, max_grad_norm=1.0),
+        train_dataset=_dataset(),
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert callback.optimizer_steps == 20
+    assert model.schedule_step() == 20
+    assert model.peft_config["default"].total_step == 20  # taken from max_steps
+    assert model.peft_config["default"].resolve_schedule() == (2, 16, 20)  # 10 % and 80 % defaults
+    report = model.sparsity_report()
+    assert report.keep_ratio_reached == pytest.approx(0.25)
+    assert report.within_bounds
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all("roselora_keep_ratio" in entry and "roselora_factor_density" in entry for entry in logged)
+    assert logged[-1]["roselora_keep_ratio"] == pytest.approx(0.25)
+    assert logged[-1]["roselora_factor_density"] == pytest.approx(0.25)
+
+
+def test_metrics_reach_reporting_integrations_before_user_callbacks(tmp_path):
+    seen = []
+
+    class Reporter(RoseLoraCallback.__mro__[1]):  # a plain TrainerCallback placed *before* ours
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer = Trainer(
+        model=_model(),
+        args=_args(tmp_path, max_steps=10),
+        train_dataset=_dataset(),
+        callbacks=[Reporter(), RoseLoraCallback()],
+    )
+    trainer.train()
+    assert any("roselora_keep_ratio" in logs for logs in seen)
+
+
+def test_resume_mid_decay_ends_where_an_uninterrupted_run_does(tmp_path):
+    torch.manual_seed(0)
+    full = _model()
+    Trainer(
+        model=full, args=_args(tmp_path / "full"), train_dataset=_dataset(), callbacks=[RoseLoraCallback()]
+    ).train()
+    expected = _masks_and_weights(full)
+
+    # the interrupted run: checkpoint every 9 steps, stop after step 9 (mid decay: t_i = 2, t_f = 16)
+    torch.manual_seed(0)
+    interrupted = _model()
+    args = _args(tmp_path / "run", save_strategy="steps", save_steps=9)
+    trainer = Trainer(model=interrupted, args=args, train_dataset=_dataset(), callbacks=[RoseLoraCallback()])
+
+    class StopAt9(RoseLoraCallback.__mro__[1]):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 9:
+                control.should_training_stop = True
+
+    trainer.add_callback(StopAt9())
+    trainer.train()
+    assert interrupted.schedule_step() == 9
+    assert 0.25 < interrupted.current_keep_ratio() < 1.0
+
+    # a new process would build a fresh model and Trainer and resume from the checkpoint
+    torch.manual_seed(123)
+    resumed = _model()
+    trainer = Trainer(model=resumed, args=args, train_dataset=_dataset(), callbacks=[RoseLoraCallback()])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-9"))
+    assert resumed.schedule_step() == 20
+    actual = _masks_and_weights(resumed)
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        if "mask" in key:
+            assert torch.equal(actual[key], expected[key]), key
+        else:
+            assert torch.allclose(actual[key], expected[key], atol=1e-6, rtol=0), key
+
+
+def test_resume_without_roselora_state_is_an_error(tmp_path):
+    args = _args(tmp_path, save_strategy="steps", save_steps=5, max_steps=5)
+    Trainer(model=_model(), args=args, train_dataset=_dataset(), callbacks=[RoseLoraCallback()]).train()
+    (tmp_path / "checkpoint-5" / "roselora_state.safetensors").unlink()
+    trainer = Trainer(
+        model=_model(), args=_args(tmp_path, max_steps=10), train_dataset=_dataset(), callbacks=[RoseLoraCallback()]
+    )
+    with pytest.raises(RuntimeError, match="no roselora_state.safetensors was found"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
+
+
+def test_frozen_adapter_fails_loudly(tmp_path):
+    model = _model()
+    for layer in (m for m in model.modules() if isinstance(m, RoseLoraLayer)):
+        layer.lora_B["default"].weight.requires_grad_(False)
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, max_steps=2), train_dataset=_dataset(), callbacks=[RoseLoraCallback()]
+    )
+    with pytest.raises(RuntimeError, match="found no gradient on lora_B"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
+def test_deepspeed_and_fsdp_are_refused_at_train_begin(tmp_path, monkeypatch, variable):
+    model = _model()
+    before = copy.deepcopy(_masks_and_weights(model))
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, max_steps=2), train_dataset=_dataset(), callbacks=[RoseLoraCallback()]
+    )
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(UnsupportedSetupError, match="RoseLoRA does not support (DeepSpeed|FSDP)"):
+        trainer.train()
+    after = _masks_and_weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing trained
+
+
+def test_training_without_the_schedule_warns(tmp_path):
+    trainer = Trainer(model=_model(), args=_args(tmp_path, max_steps=25), train_dataset=_dataset())
+    with pytest.warns(UserWarning, match="the sparsity\\s+schedule never did, so this is training plain"):
+        trainer.train()
