@@ -248,10 +248,23 @@ def test_schedule_runs_per_adapter():
     assert model.schedule_step("first") == 8 and model.schedule_step("second") == 4
 
 
-def test_add_weighted_adapter_is_refused():
-    model = _trained("llama")
-    with pytest.raises(NotImplementedError, match="add_weighted_adapter is not supported for RoseLoRA"):
-        model.add_weighted_adapter(["default"], [1.0], "combined")
+def test_add_weighted_adapter_cat_keeps_masks_and_others_are_refused():
+    model = _trained("llama", seed=0, adapter_name="first")
+    second = _trained("llama", seed=5, adapter_name="second")
+    model.add_adapter("second", second.peft_config["second"])
+    set_peft_model_state_dict(model, get_peft_model_state_dict(second, adapter_name="second"), adapter_name="second")
+    for combination in ("svd", "linear", "ties"):
+        with pytest.raises(ValueError, match=f"combination_type='{combination}' is not supported for RoseLoRA"):
+            model.add_weighted_adapter(["first", "second"], [1.0, 1.0], "bad", combination_type=combination)
+    model.add_weighted_adapter(["first", "second"], [0.5, 2.0], "combined", combination_type="cat")
+    for layer in (m for m in model.modules() if isinstance(m, RoseLoraLayer)):
+        expected = 0.5 * layer.get_delta_weight("first") + 2.0 * layer.get_delta_weight("second")
+        assert torch.allclose(layer.get_delta_weight("combined"), expected, atol=1e-6)
+        stacked = torch.cat([layer.lora_mask_A["first"], layer.lora_mask_A["second"]], dim=0)
+        assert torch.equal(layer.lora_mask_A["combined"], stacked)
+        assert not layer.lora_A["combined"].weight[~stacked].any()
+    model.set_adapter("combined")
+    assert model.sparsity_report("combined").keep_ratio_reached == pytest.approx(0.25)
 
 
 def test_unsupported_target_module_is_a_clear_error():
