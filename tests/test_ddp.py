@@ -15,6 +15,12 @@ from safetensors.torch import load_file
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trainer_ddp.py"
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_ddp_two_cpu_processes_agree(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
@@ -23,8 +29,10 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
+        "--master_addr",
+        "127.0.0.1",
         "--master_port",
-        "29533",
+        str(_free_port()),
         str(EXAMPLE),
         "--cpu",
         "--max-steps",
