@@ -39,6 +39,11 @@ def _is_sharded(weight: torch.Tensor) -> bool:
     return isinstance(weight, DTensor)
 
 
+def _after_load_state_dict(module: RoseLoraLayer, incompatible_keys) -> None:
+    for adapter_name in list(module.lora_mask_A):
+        module.refresh_mask_state(adapter_name)
+
+
 class RoseLoraVariant(LoraVariant):
     """The RoseLoRA ``LoraVariant``: LoRA with the factors multiplied by their masks.
 
@@ -75,7 +80,7 @@ class RoseLoraVariant(LoraVariant):
     ) -> torch.Tensor:
         if module.training and active_adapter not in module.rose_importance_A and torch.is_grad_enabled():
             module.count_unscheduled_forward()
-        weight_a, weight_b = module.masked_factors(active_adapter)
+        weight_a, weight_b = module.forward_factors(active_adapter)
         dropout = module.lora_dropout[active_adapter]
         hidden = F.linear(dropout(x.to(weight_a.dtype)), weight_a)
         output = F.linear(hidden, weight_b, module.lora_B[active_adapter].bias) * module.scaling[active_adapter]
@@ -91,6 +96,7 @@ class RoseLoraLayer(LoraLayer):
         "rose_importance_A",
         "rose_importance_B",
         "rose_prune_mode",
+        "rose_dense",
     )
 
     def resolve_lora_variant(self, *, config, **kwargs) -> Optional[LoraVariant]:
@@ -112,6 +118,9 @@ class RoseLoraLayer(LoraLayer):
             self.rose_importance_A: dict[str, torch.Tensor] = {}
             self.rose_importance_B: dict[str, torch.Tensor] = {}
             self.rose_prune_mode: dict[str, str] = {}
+            # per adapter: whether the masks keep every entry (then masking is an exact no-op and forward skips it)
+            self.rose_dense: dict[str, bool] = {}
+            self.register_load_state_dict_post_hook(_after_load_state_dict)
         base_weight = self.get_base_layer().weight
         device = base_weight.device
         self.lora_mask_A[adapter_name] = torch.ones(
@@ -123,6 +132,22 @@ class RoseLoraLayer(LoraLayer):
         self.rose_importance_A.pop(adapter_name, None)
         self.rose_importance_B.pop(adapter_name, None)
         self.rose_prune_mode[adapter_name] = prune_mode
+        self.rose_dense[adapter_name] = True
+
+    @torch.no_grad()
+    def refresh_mask_state(self, adapter_name: str) -> None:
+        """Re-derive whether the masks of ``adapter_name`` keep every entry, after they were set from outside the
+        schedule (loading, combining adapters)."""
+        mask_a, mask_b = self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]
+        if mask_a.device.type != "meta":
+            self.rose_dense[adapter_name] = bool(mask_a.all()) and bool(mask_b.all())
+
+    def forward_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors forward uses: :meth:`masked_factors`, or the raw weights while the masks keep every entry
+        (the dense warm-up), where masking is an exact no-op."""
+        if self.rose_dense[adapter_name]:
+            return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        return self.masked_factors(adapter_name)
 
     def count_unscheduled_forward(self) -> None:
         """Count a training forward pass of an adapter whose importance was never updated; warn at the 20th."""
@@ -172,14 +197,15 @@ class RoseLoraLayer(LoraLayer):
 
     # ---- the training step, called by RoseLoraModel for every adapted module --------------------------------------
 
-    @torch.no_grad()
-    def update_importance(self, adapter_name: str, beta: float) -> None:
-        """``I_bar <- beta * I_bar + (1 - beta) * |w * grad|`` for both factors of ``adapter_name``.
+    def factors_with_grads(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_A, lora_B)`` weights of ``adapter_name``, checked to carry gradients.
 
         Raises:
             RuntimeError: if a factor has no gradient.
+            NotImplementedError: if a factor is sharded (FSDP2 DTensor).
         """
-        for factor, store in (("lora_A", self.rose_importance_A), ("lora_B", self.rose_importance_B)):
+        weights = []
+        for factor in ("lora_A", "lora_B"):
             weight = getattr(self, factor)[adapter_name].weight
             if _is_sharded(weight):
                 raise NotImplementedError(
@@ -191,14 +217,13 @@ class RoseLoraLayer(LoraLayer):
                     f"RoseLoRA importance update for adapter '{adapter_name}' found no gradient on {factor}: call it "
                     "after loss.backward() and before optimizer.zero_grad() (and make sure the adapter is trainable)."
                 )
-            previous = store.get(adapter_name)
-            if previous is not None and previous.device != weight.device:
-                previous = previous.to(weight.device)
-            store[adapter_name] = sparsity.update_importance_ema(previous, weight, weight.grad, beta)
+            weights.append(weight)
+        return weights[0], weights[1]
 
-    @torch.no_grad()
-    def update_masks(self, adapter_name: str, keep_ratio: float) -> None:
-        """Recompute both masks from the importance EMA: top ``ceil(tau * in)`` per row of A, per column of B.
+    def pruning_scores(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-major scores for the top-k: the importance of ``lora_A`` ``(r, in)`` and the transposed importance of
+        ``lora_B`` ``(r, out)`` (its columns as rows). With ``prune_mode="persistent"`` pruned entries score -1, so
+        they are never selected again.
 
         Raises:
             RuntimeError: if no importance has been accumulated yet.
@@ -208,26 +233,30 @@ class RoseLoraLayer(LoraLayer):
                 f"RoseLoRA cannot prune adapter '{adapter_name}': no importance was accumulated. Call "
                 "update_importance() after backward before the first prune."
             )
-        persistent = self.rose_prune_mode[adapter_name] == "persistent"
-        for factor_masks, importance, dim in (
-            (self.lora_mask_A, self.rose_importance_A[adapter_name], 1),
-            (self.lora_mask_B, self.rose_importance_B[adapter_name], 0),
-        ):
-            current = factor_masks[adapter_name]
-            scores = importance.to(current.device)
-            if persistent:
-                scores = scores.masked_fill(~current, -1.0)
-            keep = sparsity.kept_count(keep_ratio, scores.shape[dim])
-            current.copy_(sparsity.topk_mask(scores, keep, dim=dim))
+        scores_a = self.rose_importance_A[adapter_name]
+        scores_b = self.rose_importance_B[adapter_name].T
+        if self.rose_prune_mode[adapter_name] == "persistent":
+            scores_a = scores_a.masked_fill(~self.lora_mask_A[adapter_name], -1.0)
+            scores_b = scores_b.masked_fill(~self.lora_mask_B[adapter_name].T, -1.0)
+        return scores_a, scores_b
 
     @torch.no_grad()
+    def set_masks(self, adapter_name: str, mask_a: torch.Tensor, mask_b_rows: torch.Tensor) -> None:
+        """Store new masks: ``mask_a`` ``(r, in)`` and ``mask_b_rows`` ``(r, out)`` (the columns of ``lora_B``)."""
+        self.lora_mask_A[adapter_name].copy_(mask_a)
+        self.lora_mask_B[adapter_name].copy_(mask_b_rows.T)
+        self.rose_dense[adapter_name] = False
+
+    def factors_and_masks(self, adapter_name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``([lora_A weight, lora_B weight], [mask_A, mask_B])`` of ``adapter_name``."""
+        return (
+            [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight],
+            [self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]],
+        )
+
     def apply_masks(self, adapter_name: str, clamp_value: Optional[float] = None) -> None:
         """Zero the pruned entries of both factors in place, then clamp them to ``[-clamp_value, clamp_value]``."""
-        for factor, masks in (("lora_A", self.lora_mask_A), ("lora_B", self.lora_mask_B)):
-            weight = getattr(self, factor)[adapter_name].weight
-            weight.masked_fill_(~masks[adapter_name], 0)
-            if clamp_value is not None:
-                weight.clamp_(-clamp_value, clamp_value)
+        sparsity.apply_masks_(*self.factors_and_masks(adapter_name), clamp_value)
 
 
 class Linear(RoseLoraLayer, LoraLinear):

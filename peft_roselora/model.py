@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
@@ -125,6 +125,7 @@ class RoseLoraModel(LoraModel):
             mask_a, mask_b = layer.lora_mask_A[adapter_name], layer.lora_mask_B[adapter_name]
             mask_a.zero_()[: stacked_a.shape[0]] = stacked_a
             mask_b.zero_()[:, : stacked_b.shape[1]] = stacked_b
+            layer.refresh_mask_state(adapter_name)
 
     # ---- the schedule ------------------------------------------------------------------------------------------
 
@@ -134,16 +135,34 @@ class RoseLoraModel(LoraModel):
         # prune_step()
         self._rose_steps: dict[str, int] = {}
         self._rose_importance_pending: dict[str, bool] = {}
+        self._rose_last_keep_ratio: dict[str, float] = {}
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+        self._invalidate_layer_cache()
+        self._rose_last_keep_ratio.pop(adapter_name, None)
         self._rose_steps.pop(adapter_name, None)
         self._rose_importance_pending.pop(adapter_name, None)
 
-    def _rose_layers(self, adapter_name: str) -> Iterable[RoseLoraLayer]:
-        for module in self.model.modules():
-            if isinstance(module, RoseLoraLayer) and adapter_name in module.lora_A:
-                yield module
+    def _rose_layers(self, adapter_name: str) -> list[RoseLoraLayer]:
+        """The RoseLoRA layers holding ``adapter_name`` (cached: the hot path must not walk the model each step)."""
+        cache = self.__dict__.setdefault("_rose_layer_cache", {})
+        layers = cache.get(adapter_name)
+        if layers is None or any(adapter_name not in layer.lora_A for layer in layers[:1]):
+            layers = [m for m in self.model.modules() if isinstance(m, RoseLoraLayer) and adapter_name in m.lora_A]
+            cache[adapter_name] = layers
+        return layers
+
+    def _invalidate_layer_cache(self) -> None:
+        self.__dict__.pop("_rose_layer_cache", None)
+
+    def inject_adapter(self, *args, **kwargs) -> None:
+        super().inject_adapter(*args, **kwargs)
+        self._invalidate_layer_cache()
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        self._invalidate_layer_cache()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def _schedule_adapters(self, adapter_names: Optional[Union[str, list[str]]]) -> list[str]:
         if adapter_names is None:
@@ -197,13 +216,27 @@ class RoseLoraModel(LoraModel):
             RuntimeError: if a factor of an adapter has no gradient.
         """
         for name in self._schedule_adapters(adapter_names):
-            beta = self.peft_config[name].importance_beta
-            found = False
-            for layer in self._rose_layers(name):
-                layer.update_importance(name, beta)
-                found = True
-            if not found:
+            layers = self._rose_layers(name)
+            if not layers:
                 raise RuntimeError(f"Adapter '{name}' has no RoseLoRA layers in this model.")
+            weights = [weight for layer in layers for weight in layer.factors_with_grads(name)]
+            config = self.peft_config[name]
+            if config.prune_mode == "persistent" and self._rose_last_keep_ratio.get(name) == config.keep_ratio:
+                # final masks in persistent mode never change again: the importance is no longer used
+                self._rose_importance_pending[name] = True
+                continue
+            previous = []
+            for layer in layers:
+                for store in (layer.rose_importance_A, layer.rose_importance_B):
+                    ema = store.get(name)
+                    device = layer.lora_A[name].weight.device
+                    previous.append(ema.to(device) if ema is not None and ema.device != device else ema)
+            updated = sparsity.update_importance_emas(
+                previous, weights, [w.grad for w in weights], self.peft_config[name].importance_beta
+            )
+            for index, layer in enumerate(layers):
+                layer.rose_importance_A[name] = updated[2 * index]
+                layer.rose_importance_B[name] = updated[2 * index + 1]
             self._rose_importance_pending[name] = True
 
     def prune_step(self, adapter_names: Optional[Union[str, list[str]]] = None) -> dict[str, float]:
@@ -235,13 +268,34 @@ class RoseLoraModel(LoraModel):
             self._rose_importance_pending[name] = False
             keep_ratio = sparsity.keep_ratio_at(step, config.keep_ratio, start, end)
             recompute = keep_ratio < 1.0 and ((step - start) % config.prune_interval == 0 or step == end)
+            if config.prune_mode == "persistent" and self._rose_last_keep_ratio.get(name) == keep_ratio:
+                recompute = False  # top-k among the kept entries with an unchanged count selects them all again
             clamp_value = config.clamp_value if step > start else None
-            for layer in self._rose_layers(name):
-                if recompute:
-                    layer.update_masks(name, keep_ratio)
-                layer.apply_masks(name, clamp_value)
+            layers = self._rose_layers(name)
+            if recompute:
+                self._recompute_masks(name, layers, keep_ratio)
+                self._rose_last_keep_ratio[name] = keep_ratio
+            weights, masks = [], []
+            for layer in layers:
+                layer_weights, layer_masks = layer.factors_and_masks(name)
+                weights += layer_weights
+                masks += layer_masks
+            sparsity.apply_masks_(weights, masks, clamp_value)
             ratios[name] = keep_ratio
         return ratios
+
+    @staticmethod
+    def _recompute_masks(name: str, layers: list[RoseLoraLayer], keep_ratio: float) -> None:
+        """New masks for every layer: per row of ``lora_A`` and per column of ``lora_B`` the top
+        ``ceil(keep_ratio * n)`` entries by importance, same-shaped factors sharing one ``topk`` call."""
+        scores, keeps = [], []
+        for layer in layers:
+            for score in layer.pruning_scores(name):
+                scores.append(score)
+                keeps.append(sparsity.kept_count(keep_ratio, score.shape[1]))
+        masks = sparsity.row_topk_masks(scores, keeps)
+        for index, layer in enumerate(layers):
+            layer.set_masks(name, masks[2 * index], masks[2 * index + 1])
 
     def update_and_allocate(self, global_step: int) -> dict[str, float]:
         """AdaLoRA-style single call, after ``optimizer.step()`` and before ``optimizer.zero_grad()``.

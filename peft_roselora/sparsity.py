@@ -87,46 +87,93 @@ def kept_count(keep_ratio: float, size: int) -> int:
 
 
 @torch.no_grad()
-def update_importance_ema(
-    importance: torch.Tensor | None, weight: torch.Tensor, grad: torch.Tensor, beta: float
-) -> torch.Tensor:
-    """Smoothed sensitivity ``I_bar <- beta * I_bar + (1 - beta) * |w * g|`` (spec section 3).
+def update_importance_emas(
+    importances: list[torch.Tensor | None], weights: list[torch.Tensor], grads: list[torch.Tensor], beta: float
+) -> list[torch.Tensor]:
+    """Smoothed sensitivity ``I_bar <- beta * I_bar + (1 - beta) * |w * g|`` for many factors at once (spec section 3).
+
+    Uses ``torch._foreach_*`` kernels per device, so the cost is a handful of calls whatever the number of factors.
 
     Args:
-        importance (Tensor | None): the fp32 EMA of the same shape as ``weight``, updated in place; ``None`` on the
-            first update, which returns ``|w * g|`` itself (the first update sets ``I_bar = I``).
-        weight (Tensor): the factor's weight, any floating dtype, shape ``(r, in)`` or ``(out, r)``.
-        grad (Tensor): its gradient, same shape.
+        importances (list[Tensor | None]): fp32 EMAs, updated in place; ``None`` for a factor's first update, which
+            returns ``|w * g|`` itself (the first update sets ``I_bar = I``).
+        weights (list[Tensor]): the factors, any floating dtype, shapes ``(r, in)`` or ``(out, r)``.
+        grads (list[Tensor]): their gradients, same shapes.
         beta (float): the EMA coefficient in ``[0, 1)``.
 
     Returns:
-        Tensor: the updated fp32 EMA (``importance`` itself when it was given).
+        list[Tensor]: the updated fp32 EMAs (the given tensors where they existed), in input order.
     """
-    sensitivity = (weight.float() * grad.float()).abs_()
-    if importance is None:
-        return sensitivity
-    return importance.mul_(beta).add_(sensitivity, alpha=1.0 - beta)
+    result: list[torch.Tensor | None] = list(importances)
+    for indices in _group_by_device(weights).values():
+        sensitivity = torch._foreach_mul([weights[i].float() for i in indices], [grads[i].float() for i in indices])
+        torch._foreach_abs_(sensitivity)
+        existing = [j for j, i in enumerate(indices) if importances[i] is not None]
+        if existing:
+            previous = [importances[indices[j]] for j in existing]
+            torch._foreach_mul_(previous, beta)
+            torch._foreach_add_(previous, [sensitivity[j] for j in existing], alpha=1.0 - beta)
+        for j, i in enumerate(indices):
+            if importances[i] is None:
+                result[i] = sensitivity[j]
+    return result
 
 
 @torch.no_grad()
-def topk_mask(scores: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
-    """Boolean mask keeping the ``keep`` highest scores along ``dim`` (one ``topk`` call for the whole tensor).
+def row_topk_masks(scores: list[torch.Tensor], keeps: list[int]) -> list[torch.Tensor]:
+    """Boolean masks keeping the ``keep`` highest scores in every row, for many tensors at once.
 
-    ``dim=1`` keeps ``keep`` entries in every row (``lora_A``, shape ``(r, in)``); ``dim=0`` keeps ``keep`` entries in
-    every column (``lora_B``, shape ``(out, r)``). Ties are broken by ``torch.topk``.
+    Tensors of the same shape, device and ``keep`` are stacked and share one ``topk`` call. For the columns of
+    ``lora_B`` pass ``scores.T`` and transpose the mask back. Ties are broken by ``torch.topk``.
 
     Args:
-        scores (Tensor): 2-D importance scores.
-        keep (int): entries kept per row or column, ``1 <= keep <= scores.shape[dim]``.
-        dim (int): 1 for per-row, 0 for per-column selection.
+        scores (list[Tensor]): 2-D importance scores ``(rows, n)``.
+        keeps (list[int]): entries kept per row, ``1 <= keep``; ``keep >= n`` keeps everything.
 
     Returns:
-        Tensor: bool tensor of the shape of ``scores`` with exactly ``keep`` True entries per row (or column).
+        list[Tensor]: bool masks of the shapes of ``scores``, exactly ``min(keep, n)`` True entries per row.
     """
-    if keep >= scores.shape[dim]:
-        return torch.ones_like(scores, dtype=torch.bool)
-    indices = scores.topk(keep, dim=dim, sorted=False).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(dim, indices, True)
+    masks: list[torch.Tensor | None] = [None] * len(scores)
+    groups: dict[tuple, list[int]] = {}
+    for i, (score, keep) in enumerate(zip(scores, keeps)):
+        groups.setdefault((tuple(score.shape), score.device, keep), []).append(i)
+    for (shape, device, keep), indices in groups.items():
+        if keep >= shape[-1]:
+            for i in indices:
+                masks[i] = torch.ones(shape, dtype=torch.bool, device=device)
+            continue
+        stacked = torch.stack([scores[i] for i in indices])
+        top = stacked.topk(keep, dim=-1, sorted=False).indices
+        stacked_masks = torch.zeros(stacked.shape, dtype=torch.bool, device=device).scatter_(-1, top, True)
+        for j, i in enumerate(indices):
+            masks[i] = stacked_masks[j]
+    return masks
+
+
+@torch.no_grad()
+def apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor], clamp_value: float | None = None) -> None:
+    """Zero, in place, every entry of ``weights`` whose mask is False, then clamp to ``[-clamp_value, clamp_value]``.
+
+    One ``torch._foreach_*`` call per device for all factors (finite weights become exactly zero: ``w * False``).
+
+    Args:
+        weights (list[Tensor]): factors, modified in place.
+        masks (list[Tensor]): bool masks of the same shapes.
+        clamp_value (float | None): clamp bound, or None for no clamp.
+    """
+    for indices in _group_by_device(weights).values():
+        group = [weights[i] for i in indices]
+        torch._foreach_mul_(group, [masks[i] for i in indices])
+        if clamp_value is not None:
+            torch._foreach_clamp_min_(group, -clamp_value)
+            torch._foreach_clamp_max_(group, clamp_value)
+
+
+def _group_by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[int]]:
+    groups: dict[torch.device, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        groups.setdefault(tensor.device, []).append(i)
+    return groups
 
 
 def factor_density(mask_or_weight: torch.Tensor, dim: int) -> torch.Tensor:

@@ -47,33 +47,34 @@ def test_kept_count_rounds_up_ignoring_float_noise():
     assert sparsity.kept_count(1.0, 10) == 10
 
 
-@pytest.mark.parametrize("dim", [0, 1])
-def test_topk_mask_keeps_the_largest_per_row_or_column(dim):
-    scores = torch.rand(6, 9, generator=torch.Generator().manual_seed(0))
-    keep = 3
-    mask = sparsity.topk_mask(scores, keep, dim=dim)
-    assert mask.dtype == torch.bool
-    assert (mask.sum(dim=dim) == keep).all()
-    # every kept score is >= every dropped score in the same row/column
-    kept_min = scores.masked_fill(~mask, math.inf).amin(dim=dim)
-    dropped_max = scores.masked_fill(mask, -math.inf).amax(dim=dim)
-    assert (kept_min >= dropped_max).all()
+def test_row_topk_masks_keep_the_largest_per_row_with_grouping():
+    generator = torch.Generator().manual_seed(0)
+    scores = [torch.rand(6, 9, generator=generator) for _ in range(3)] + [torch.rand(4, 5, generator=generator)]
+    keeps = [3, 3, 2, 5]  # two tensors share a group, one differs by keep, one by shape (and keeps everything)
+    masks = sparsity.row_topk_masks(scores, keeps)
+    for score, keep, mask in zip(scores, keeps, masks):
+        assert mask.dtype == torch.bool and mask.shape == score.shape
+        assert (mask.sum(dim=1) == min(keep, score.shape[1])).all()
+        # every kept score is >= every dropped score in the same row, and equals the per-tensor topk
+        kept_min = score.masked_fill(~mask, math.inf).amin(dim=1)
+        dropped_max = score.masked_fill(mask, -math.inf).amax(dim=1)
+        assert (kept_min >= dropped_max).all()
+        reference = torch.zeros_like(mask).scatter_(1, score.topk(min(keep, score.shape[1]), dim=1).indices, True)
+        assert torch.equal(mask, reference)
 
 
-def test_topk_mask_dense_when_keep_covers_everything():
-    assert sparsity.topk_mask(torch.rand(3, 4), 4, dim=1).all()
-
-
-def test_importance_ema_first_update_then_smoothing():
-    weight = torch.tensor([[1.0, -2.0]])
-    grad = torch.tensor([[3.0, 0.5]])
-    first = sparsity.update_importance_ema(None, weight, grad, beta=0.8)
-    assert torch.equal(first, torch.tensor([[3.0, 1.0]]))
-    second = sparsity.update_importance_ema(first, weight, torch.tensor([[0.0, 1.0]]), beta=0.8)
-    assert torch.allclose(second, torch.tensor([[0.8 * 3.0, 0.8 * 1.0 + 0.2 * 2.0]]))
-    assert second.dtype == torch.float32
-    half = sparsity.update_importance_ema(None, weight.bfloat16(), grad.bfloat16(), beta=0.8)
-    assert half.dtype == torch.float32
+def test_importance_emas_first_update_then_smoothing_for_many_factors():
+    weights = [torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5], [3.0]])]
+    grads = [torch.tensor([[3.0, 0.5]]), torch.tensor([[2.0], [-1.0]])]
+    first = sparsity.update_importance_emas([None, None], weights, grads, beta=0.8)
+    assert torch.equal(first[0], torch.tensor([[3.0, 1.0]])) and torch.equal(first[1], torch.tensor([[1.0], [3.0]]))
+    kept = first[0]
+    second = sparsity.update_importance_emas([first[0], None], weights, [torch.tensor([[0.0, 1.0]]), grads[1]], 0.8)
+    assert second[0] is kept  # updated in place
+    assert torch.allclose(second[0], torch.tensor([[0.8 * 3.0, 0.8 * 1.0 + 0.2 * 2.0]]))
+    assert torch.equal(second[1], torch.tensor([[1.0], [3.0]]))
+    half = sparsity.update_importance_emas([None], [weights[0].bfloat16()], [grads[0].bfloat16()], beta=0.8)
+    assert half[0].dtype == torch.float32
 
 
 def _random_factors(rank, in_features, out_features, row_densities, col_densities, seed):

@@ -219,6 +219,7 @@ def _install_random_masks() -> None:
                 masks[adapter_name] = mask
                 weight.masked_fill_(~mask, 0)
                 _RANDOM_MASKS_CREATED[0] += 1
+            self.refresh_mask_state(adapter_name)
 
     RoseLoraLayer.init_rose_state = init_rose_state
 
