@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import os
 import platform
@@ -114,14 +115,15 @@ def adapter_config(method: str, rank: int):
 class Runner:
     """One method: its model, optimizer and step function (schedule driven the way users drive it)."""
 
-    def __init__(self, method: str, base, args):
+    def __init__(self, method: str, base, args, copy_base: bool = True):
         self.method = method
-        self.model = get_peft_model(copy.deepcopy(base), adapter_config(method, args.rank))
+        self.model = get_peft_model(copy.deepcopy(base) if copy_base else base, adapter_config(method, args.rank))
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
         self.step_index = 0
         self.schedule_seconds: list[float] = []
+        self._pending_schedule = 0.0
         if method.startswith("roselora"):
             tuner = self.model.base_model
             self._wrap_timed(tuner, "update_importance")
@@ -189,20 +191,74 @@ def adapter_bytes(model) -> dict[str, int]:
     return {"adapter_params": params, "fp32_importance_bytes": 4 * params, "mask_bytes": masks}
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _heap_in_use_bytes() -> int | None:
+    """Bytes currently allocated through glibc malloc (CPU tensors included): far less noisy than RSS."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 def memory_probe(args) -> dict:
-    """Run in a fresh process: build one method, train a few steps, report peak memory."""
-    base = build_base(args)
-    runner = Runner(args.memory_probe, base, args)
-    del base
+    """Run in a fresh process: build one method, train a few steps, report its memory.
+
+    GPU: ``max_memory_allocated`` over the training steps. CPU: ``train_bytes`` is the most heap memory in use
+    (glibc ``mallinfo2``, which CPU tensors go through) sampled after every forward, backward and optimizer step;
+    the resident set (``train_rss_bytes``) and the process peak (``peak_rss_bytes``, usually set while the model is
+    built) are reported too but are dominated by allocator noise at this scale.
+    """
+    runner = Runner(args.memory_probe, build_base(args), args, copy_base=False)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(4):
-        runner.step()
+    samples, heap = [], []
+    for _ in range(6):
+        loss = runner.model(input_ids=runner.input_ids, labels=runner.input_ids).loss
+        heap.append(_heap_in_use_bytes())  # activations alive
+        loss.backward()
+        del loss
+        samples.append(_rss_bytes())
+        heap.append(_heap_in_use_bytes())
+        runner.optimizer.step()
+        if args.memory_probe == "adalora":
+            runner.model.base_model.update_and_allocate(runner.step_index)
+        heap.append(_heap_in_use_bytes())
+        runner.optimizer.zero_grad(set_to_none=False)  # keep gradient buffers, as most trainers do
+        runner.step_index += 1
+        samples.append(_rss_bytes())
+    result = {"method": args.memory_probe, **adapter_bytes(runner.model)}
     if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated()
+        result["train_bytes"] = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    return {"method": args.memory_probe, "peak_bytes": peak, **adapter_bytes(runner.model)}
+        result["train_bytes"] = max(heap) if heap[0] is not None else max(samples)
+        result["train_rss_bytes"] = max(samples)
+        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    return result
 
 
 def schedule_scaling(args) -> list[dict]:
@@ -332,7 +388,7 @@ def main() -> None:
         "samples": samples,
     }
     if memory:
-        extra = memory["roselora-decay"]["peak_bytes"] - memory["lora"]["peak_bytes"]
+        extra = memory["roselora-decay"]["train_bytes"] - memory["lora"]["train_bytes"]
         allowed = memory["roselora-decay"]["fp32_importance_bytes"] + memory["roselora-decay"]["mask_bytes"]
         result["memory_roselora_minus_lora_bytes"] = extra
         result["memory_allowed_bytes"] = allowed
@@ -351,9 +407,9 @@ def main() -> None:
     )
     if memory:
         print(
-            f"peak memory: RoseLoRA - LoRA = {result['memory_roselora_minus_lora_bytes'] / 2**20:.1f} MiB "
+            f"training memory: RoseLoRA - LoRA = {result['memory_roselora_minus_lora_bytes'] / 2**20:.1f} MiB "
             f"(allowed: fp32 importance + masks = {result['memory_allowed_bytes'] / 2**20:.1f} MiB); AdaLoRA - LoRA "
-            f"= {(memory['adalora']['peak_bytes'] - memory['lora']['peak_bytes']) / 2**20:.1f} MiB"
+            f"= {(memory['adalora']['train_bytes'] - memory['lora']['train_bytes']) / 2**20:.1f} MiB"
         )
     for row in result.get("schedule_scaling", []):
         modules, rank, ms = row["adapted_modules"], row["rank"], row["schedule_ms"]

@@ -44,6 +44,55 @@ def _after_load_state_dict(module: RoseLoraLayer, incompatible_keys) -> None:
         module.refresh_mask_state(adapter_name)
 
 
+class _MaskedLinear(torch.autograd.Function):
+    """``F.linear(x, weight * mask, bias)`` that keeps no masked copy of the weight for backward (it is recomputed).
+
+    The weight gradient is ``grad_out^T @ x``, multiplied by the mask only when ``mask_gradient`` (persistent
+    pruning); otherwise pruned entries get their plain gradient, as in the authors' code where they are simply zero.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, mask, bias, mask_gradient: bool):
+        ctx.save_for_backward(x, weight, mask)
+        ctx.mask_gradient = mask_gradient
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight * mask, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, mask = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        dtype = grad_output.dtype  # the compute dtype (autocast may have run forward in lower precision)
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_output @ (weight * mask).to(dtype)).to(x.dtype)
+        flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = (flat_grad.T @ x.reshape(-1, x.shape[-1]).to(dtype)).to(weight.dtype)
+            if ctx.mask_gradient:
+                grad_weight = grad_weight * mask
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = flat_grad.sum(dim=0)
+        return grad_x, grad_weight, None, grad_bias, None
+
+
+def masked_linear(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor], mask_gradient: bool
+) -> torch.Tensor:
+    """``x @ (weight * mask)^T + bias`` with the RoseLoRA gradient semantics (see ``_MaskedLinear``).
+
+    Args:
+        x (Tensor): input, shape ``(..., in)``.
+        weight (Tensor): factor, shape ``(out, in)``.
+        mask (Tensor): bool mask of ``weight``'s shape.
+        bias (Tensor | None): shape ``(out,)``.
+        mask_gradient (bool): zero the gradient of pruned entries.
+
+    Returns:
+        Tensor: shape ``(..., out)``.
+    """
+    return _MaskedLinear.apply(x, weight, mask, bias, mask_gradient)
+
+
 class RoseLoraVariant(LoraVariant):
     """The RoseLoRA ``LoraVariant``: LoRA with the factors multiplied by their masks.
 
@@ -80,11 +129,17 @@ class RoseLoraVariant(LoraVariant):
     ) -> torch.Tensor:
         if module.training and active_adapter not in module.rose_importance_A and torch.is_grad_enabled():
             module.count_unscheduled_forward()
-        weight_a, weight_b = module.forward_factors(active_adapter)
-        dropout = module.lora_dropout[active_adapter]
-        hidden = F.linear(dropout(x.to(weight_a.dtype)), weight_a)
-        output = F.linear(hidden, weight_b, module.lora_B[active_adapter].bias) * module.scaling[active_adapter]
-        return result + output.to(result.dtype)
+        weight_a = module.lora_A[active_adapter].weight
+        weight_b = module.lora_B[active_adapter].weight
+        bias = module.lora_B[active_adapter].bias
+        x = module.lora_dropout[active_adapter](x.to(weight_a.dtype))
+        if module.rose_dense[active_adapter]:  # dense warm-up: masking would be an exact no-op
+            output = F.linear(F.linear(x, weight_a), weight_b, bias)
+        else:
+            mask_gradient = module.rose_prune_mode[active_adapter] == "persistent"
+            hidden = masked_linear(x, weight_a, module.lora_mask_A[active_adapter], None, mask_gradient)
+            output = masked_linear(hidden, weight_b, module.lora_mask_B[active_adapter], bias, mask_gradient)
+        return result + (output * module.scaling[active_adapter]).to(result.dtype)
 
 
 class RoseLoraLayer(LoraLayer):
@@ -142,13 +197,6 @@ class RoseLoraLayer(LoraLayer):
         if mask_a.device.type != "meta":
             self.rose_dense[adapter_name] = bool(mask_a.all()) and bool(mask_b.all())
 
-    def forward_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The factors forward uses: :meth:`masked_factors`, or the raw weights while the masks keep every entry
-        (the dense warm-up), where masking is an exact no-op."""
-        if self.rose_dense[adapter_name]:
-            return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        return self.masked_factors(adapter_name)
-
     def count_unscheduled_forward(self) -> None:
         """Count a training forward pass of an adapter whose importance was never updated; warn at the 20th."""
         self._rose_unscheduled_forwards = getattr(self, "_rose_unscheduled_forwards", 0) + 1
@@ -162,22 +210,13 @@ class RoseLoraLayer(LoraLayer):
                 stacklevel=2,
             )
 
+    @torch.no_grad()
     def masked_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The masked factors of ``adapter_name``: ``(A * mask_A, B * mask_B)``, shapes ``(r, in)`` and ``(out, r)``.
-
-        The values are always the masked products. Gradients flow to pruned entries unchanged with
-        ``prune_mode="authors"`` (straight-through) and are zero for them with ``prune_mode="persistent"``.
-        """
-        weight_a = self.lora_A[adapter_name].weight
-        weight_b = self.lora_B[adapter_name].weight
-        mask_a = self.lora_mask_A[adapter_name]
-        mask_b = self.lora_mask_B[adapter_name]
-        if self.rose_prune_mode[adapter_name] == "persistent":
-            return weight_a * mask_a, weight_b * mask_b
-        # value w * m, gradient identity: subtract the (detached) pruned part
+        """The masked factors of ``adapter_name`` (no gradient): ``(A * mask_A, B * mask_B)``, shapes ``(r, in)`` and
+        ``(out, r)``."""
         return (
-            weight_a - weight_a.detach().masked_fill(mask_a, 0),
-            weight_b - weight_b.detach().masked_fill(mask_b, 0),
+            self.lora_A[adapter_name].weight * self.lora_mask_A[adapter_name],
+            self.lora_B[adapter_name].weight * self.lora_mask_B[adapter_name],
         )
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
