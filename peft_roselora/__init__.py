@@ -13,8 +13,10 @@ add_peft_type_member()
 
 from ._registration import register  # noqa: E402
 from .callback import RoseLoraCallback, UnsupportedSetupError  # noqa: E402
+from .compact import load_compact, save_compact  # noqa: E402
 from .config import RoseLoraConfig  # noqa: E402
 from .export import export_to_lora  # noqa: E402
+from .hub import push_to_hub, push_trainer_to_hub  # noqa: E402
 from .layer import RoseLoraLayer, RoseLoraVariant  # noqa: E402
 from .model import RoseLoraModel  # noqa: E402
 from .sparsity import ModuleSparsity, SparsityReport  # noqa: E402
@@ -35,5 +37,9 @@ __all__ = [
     "SparsityReport",
     "UnsupportedSetupError",
     "export_to_lora",
+    "load_compact",
+    "push_to_hub",
+    "push_trainer_to_hub",
+    "save_compact",
     "register_optimizer_hooks",
 ]

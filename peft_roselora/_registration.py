@@ -34,12 +34,15 @@ def add_peft_type_member(name: str = PEFT_TYPE_NAME) -> PeftType:
 
 
 def register() -> None:
-    """Make RoseLoRA a PEFT method: ``get_peft_model``, ``PeftModel.from_pretrained`` and friends then accept it."""
+    """Make RoseLoRA a PEFT method: ``get_peft_model``, ``PeftModel.from_pretrained`` and friends then accept it;
+    and give RoseLoRA models a correct model card in ``save_pretrained`` / ``push_to_hub`` (see ``hub.py``)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     from .config import RoseLoraConfig
+    from .hub import install_peft_model_hooks
     from .model import RoseLoraModel
 
+    install_peft_model_hooks()
     peft_type = add_peft_type_member()
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
         return

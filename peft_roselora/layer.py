@@ -44,55 +44,6 @@ def _after_load_state_dict(module: RoseLoraLayer, incompatible_keys) -> None:
         module.refresh_mask_state(adapter_name)
 
 
-class _MaskedLinear(torch.autograd.Function):
-    """``F.linear(x, weight * mask, bias)`` that keeps no masked copy of the weight for backward (it is recomputed).
-
-    The weight gradient is ``grad_out^T @ x``, multiplied by the mask only when ``mask_gradient`` (persistent
-    pruning); otherwise pruned entries get their plain gradient, as in the authors' code where they are simply zero.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, mask, bias, mask_gradient: bool):
-        ctx.save_for_backward(x, weight, mask)
-        ctx.mask_gradient = mask_gradient
-        ctx.has_bias = bias is not None
-        return F.linear(x, weight * mask, bias)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, weight, mask = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        dtype = grad_output.dtype  # the compute dtype (autocast may have run forward in lower precision)
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_output @ (weight * mask).to(dtype)).to(x.dtype)
-        flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_weight = (flat_grad.T @ x.reshape(-1, x.shape[-1]).to(dtype)).to(weight.dtype)
-            if ctx.mask_gradient:
-                grad_weight = grad_weight * mask
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = flat_grad.sum(dim=0)
-        return grad_x, grad_weight, None, grad_bias, None
-
-
-def masked_linear(
-    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor], mask_gradient: bool
-) -> torch.Tensor:
-    """``x @ (weight * mask)^T + bias`` with the RoseLoRA gradient semantics (see ``_MaskedLinear``).
-
-    Args:
-        x (Tensor): input, shape ``(..., in)``.
-        weight (Tensor): factor, shape ``(out, in)``.
-        mask (Tensor): bool mask of ``weight``'s shape.
-        bias (Tensor | None): shape ``(out,)``.
-        mask_gradient (bool): zero the gradient of pruned entries.
-
-    Returns:
-        Tensor: shape ``(..., out)``.
-    """
-    return _MaskedLinear.apply(x, weight, mask, bias, mask_gradient)
-
-
 class RoseLoraVariant(LoraVariant):
     """The RoseLoRA ``LoraVariant``: LoRA with the factors multiplied by their masks.
 
@@ -129,16 +80,12 @@ class RoseLoraVariant(LoraVariant):
     ) -> torch.Tensor:
         if module.training and active_adapter not in module.rose_importance_A and torch.is_grad_enabled():
             module.count_unscheduled_forward()
+        module.ensure_masked(active_adapter)
         weight_a = module.lora_A[active_adapter].weight
-        weight_b = module.lora_B[active_adapter].weight
-        bias = module.lora_B[active_adapter].bias
         x = module.lora_dropout[active_adapter](x.to(weight_a.dtype))
-        if module.rose_dense[active_adapter]:  # dense warm-up: masking would be an exact no-op
-            output = F.linear(F.linear(x, weight_a), weight_b, bias)
-        else:
-            mask_gradient = module.rose_prune_mode[active_adapter] == "persistent"
-            hidden = masked_linear(x, weight_a, module.lora_mask_A[active_adapter], None, mask_gradient)
-            output = masked_linear(hidden, weight_b, module.lora_mask_B[active_adapter], bias, mask_gradient)
+        output = F.linear(
+            F.linear(x, weight_a), module.lora_B[active_adapter].weight, module.lora_B[active_adapter].bias
+        )
         return result + (output * module.scaling[active_adapter]).to(result.dtype)
 
 
@@ -152,6 +99,7 @@ class RoseLoraLayer(LoraLayer):
         "rose_importance_B",
         "rose_prune_mode",
         "rose_dense",
+        "rose_masked_versions",
     )
 
     def resolve_lora_variant(self, *, config, **kwargs) -> Optional[LoraVariant]:
@@ -173,8 +121,10 @@ class RoseLoraLayer(LoraLayer):
             self.rose_importance_A: dict[str, torch.Tensor] = {}
             self.rose_importance_B: dict[str, torch.Tensor] = {}
             self.rose_prune_mode: dict[str, str] = {}
-            # per adapter: whether the masks keep every entry (then masking is an exact no-op and forward skips it)
+            # per adapter: whether the masks keep every entry (masking is then an exact no-op), and the in-place
+            # version counters of the factors when they were last zeroed outside the masks
             self.rose_dense: dict[str, bool] = {}
+            self.rose_masked_versions: dict[str, tuple[int, int]] = {}
             self.register_load_state_dict_post_hook(_after_load_state_dict)
         base_weight = self.get_base_layer().weight
         device = base_weight.device
@@ -188,14 +138,31 @@ class RoseLoraLayer(LoraLayer):
         self.rose_importance_B.pop(adapter_name, None)
         self.rose_prune_mode[adapter_name] = prune_mode
         self.rose_dense[adapter_name] = True
+        self.rose_masked_versions.pop(adapter_name, None)
 
     @torch.no_grad()
     def refresh_mask_state(self, adapter_name: str) -> None:
-        """Re-derive whether the masks of ``adapter_name`` keep every entry, after they were set from outside the
-        schedule (loading, combining adapters)."""
+        """After masks were set from outside the schedule (loading, combining adapters): re-derive whether they keep
+        every entry, and zero the factors outside them."""
         mask_a, mask_b = self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]
-        if mask_a.device.type != "meta":
-            self.rose_dense[adapter_name] = bool(mask_a.all()) and bool(mask_b.all())
+        if "meta" in (mask_a.device.type, self.lora_A[adapter_name].weight.device.type):
+            return
+        self.rose_dense[adapter_name] = bool(mask_a.all()) and bool(mask_b.all())
+        self.apply_masks(adapter_name)
+
+    def _factor_versions(self, adapter_name: str) -> tuple[int, int]:
+        return self.lora_A[adapter_name].weight._version, self.lora_B[adapter_name].weight._version
+
+    def ensure_masked(self, adapter_name: str) -> None:
+        """Make the factors exactly zero outside the masks before they are used: a no-op (two integer comparisons)
+        unless they were modified in place since they were last masked, as by an optimizer step not followed by
+        ``prune_step()``. Fused optimizers bypass the version counters this relies on; the schedule's
+        ``prune_step()`` after every optimizer step keeps the factors masked regardless."""
+        if self.rose_dense[adapter_name] or self.rose_masked_versions.get(adapter_name) == self._factor_versions(
+            adapter_name
+        ):
+            return
+        self.apply_masks(adapter_name)
 
     def count_unscheduled_forward(self) -> None:
         """Count a training forward pass of an adapter whose importance was never updated; warn at the 20th."""
@@ -296,6 +263,11 @@ class RoseLoraLayer(LoraLayer):
     def apply_masks(self, adapter_name: str, clamp_value: Optional[float] = None) -> None:
         """Zero the pruned entries of both factors in place, then clamp them to ``[-clamp_value, clamp_value]``."""
         sparsity.apply_masks_(*self.factors_and_masks(adapter_name), clamp_value)
+        self.mark_masked(adapter_name)
+
+    def mark_masked(self, adapter_name: str) -> None:
+        """Record that the factors are zero outside the masks as of now (their current version counters)."""
+        self.rose_masked_versions[adapter_name] = self._factor_versions(adapter_name)
 
 
 class Linear(RoseLoraLayer, LoraLinear):

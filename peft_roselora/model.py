@@ -221,6 +221,10 @@ class RoseLoraModel(LoraModel):
                 raise RuntimeError(f"Adapter '{name}' has no RoseLoRA layers in this model.")
             weights = [weight for layer in layers for weight in layer.factors_with_grads(name)]
             config = self.peft_config[name]
+            if config.prune_mode == "persistent" and any(not layer.rose_dense[name] for layer in layers):
+                # pruned entries get no gradient: the optimizer sees grad * mask
+                masks = [mask for layer in layers for mask in layer.factors_and_masks(name)[1]]
+                sparsity.apply_masks_([w.grad for w in weights], masks)
             if config.prune_mode == "persistent" and self._rose_last_keep_ratio.get(name) == config.keep_ratio:
                 # final masks in persistent mode never change again: the importance is no longer used
                 self._rose_importance_pending[name] = True
@@ -281,6 +285,8 @@ class RoseLoraModel(LoraModel):
                 weights += layer_weights
                 masks += layer_masks
             sparsity.apply_masks_(weights, masks, clamp_value)
+            for layer in layers:
+                layer.mark_masked(name)
             ratios[name] = keep_ratio
         return ratios
 

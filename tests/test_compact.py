@@ -1,0 +1,62 @@
+"""The compact adapter format: exact round trip of weights and masks, size close to the kept fraction."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import make_tiny_gpt2, make_tiny_llama, random_batch, train_steps
+from peft import get_peft_model
+
+import peft_roselora
+from peft_roselora import RoseLoraConfig
+from peft_roselora.compact import COMPACT_WEIGHTS_NAME
+
+
+def _trained(factory, targets, keep_ratio):
+    config = RoseLoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        keep_ratio=keep_ratio,
+        prune_start_step=1,
+        prune_end_step=3,
+        total_step=4,
+        lora_bias=True,
+    )
+    model = get_peft_model(factory(), config)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    peft_roselora.register_optimizer_hooks(model, optimizer)
+    train_steps(model, optimizer, 4)
+    return model
+
+
+@pytest.mark.parametrize("keep_ratio", [0.05, 0.25])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_compact_round_trip_is_exact(tmp_path, kind, keep_ratio):
+    factory, targets = {
+        "llama": (make_tiny_llama, ["q_proj", "down_proj"]),
+        "gpt2": (make_tiny_gpt2, ["c_attn", "c_proj"]),
+    }[kind]
+    model = _trained(factory, targets, keep_ratio)
+    sizes = peft_roselora.save_compact(model, tmp_path)
+    loaded = peft_roselora.load_compact(factory(), tmp_path)
+    original, restored = model.state_dict(), loaded.state_dict()
+    keys = [k for k in original if "lora_" in k]
+    assert keys and any("lora_mask_B" in k for k in keys) and any("lora_B.default.bias" in k for k in keys)
+    for key in keys:
+        assert torch.equal(original[key], restored[key]), key
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=random_batch(5)).logits, loaded(input_ids=random_batch(5)).logits)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert sizes["compact_bytes"] == os.path.getsize(tmp_path / COMPACT_WEIGHTS_NAME)
+    assert sizes["compact_bytes"] < sizes["dense_bytes"]
+
+
+def test_compact_load_rejects_other_files(tmp_path):
+    model = _trained(make_tiny_llama, ["q_proj"], 0.25)
+    model.save_pretrained(tmp_path)
+    os.rename(tmp_path / "adapter_model.safetensors", tmp_path / COMPACT_WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="is not a RoseLoRA compact adapter"):
+        peft_roselora.load_compact(make_tiny_llama(), tmp_path)

@@ -1,0 +1,104 @@
+"""Pushing to and loading from the Hub through the real huggingface_hub client, against a local Hub on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from local_hub import LocalHub, card_metadata
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with LocalHub() as local_hub:
+        yield local_hub
+
+
+def _client(hub: LocalHub, tmp_path: Path, *args: str) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_TOKEN="hf_local_test_token",
+        HF_HOME=str(tmp_path / f"hf-home-{args[0]}"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+        PYTHONPATH=str(TESTS),
+    )
+    result = subprocess.run(
+        [sys.executable, str(TESTS / "hub_scenarios.py"), *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _readme(hub: LocalHub, repo_id: str) -> tuple[dict, str]:
+    readme = hub.repos[repo_id]["README.md"].decode()
+    return card_metadata(readme), readme
+
+
+def test_push_then_load_by_repo_id_gives_identical_logits(hub, tmp_path):
+    expected = tmp_path / "expected.safetensors"
+    pushed = _client(hub, tmp_path, "push", str(tmp_path / "base"), "user/roselora-tiny", str(expected), "-")
+    assert pushed["local_path_warnings"] == 1  # the base came from disk: left out of the card, with a warning
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(hub.repos["user/roselora-tiny"])
+    assert json.loads(hub.repos["user/roselora-tiny"]["adapter_config.json"])["peft_type"] == "ROSELORA"
+    metadata, readme = _readme(hub, "user/roselora-tiny")
+    assert metadata["library_name"] == "peft"
+    assert {"roselora", "peft", "lora"} <= set(metadata["tags"])
+    assert "base_model" not in metadata and not any(t.startswith("base_model:") for t in metadata["tags"])
+    assert "import peft_roselora" in readme and "## RoseLoRA" in readme and "keep ratio reached" in readme
+    assert _client(hub, tmp_path, "load", str(tmp_path / "base"), "user/roselora-tiny", str(expected)) == {
+        "loaded": True
+    }
+
+
+def test_explicit_hub_base_model_is_written_with_its_adapter_tag(hub, tmp_path):
+    _client(
+        hub,
+        tmp_path,
+        "push",
+        str(tmp_path / "base"),
+        "user/with-base",
+        str(tmp_path / "e.safetensors"),
+        "meta-llama/Llama-2-7b-hf",
+    )
+    metadata, _ = _readme(hub, "user/with-base")
+    assert metadata["base_model"] == "meta-llama/Llama-2-7b-hf"
+    assert "base_model:adapter:meta-llama/Llama-2-7b-hf" in metadata["tags"]
+
+
+def test_local_hub_rejects_local_path_base_model_like_the_real_hub(hub, tmp_path):
+    code = (
+        "from huggingface_hub import HfApi\n"
+        "api = HfApi()\n"
+        "api.create_repo('user/bad')\n"
+        "try:\n"
+        "    api.upload_file(path_or_fileobj=b'---\\nbase_model: /tmp/local/base\\n---\\ncard', "
+        "path_in_repo='README.md', repo_id='user/bad')\n"
+        "except Exception as error:\n"
+        "    print('rejected', 'Invalid metadata in README.md' in str(error))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_local_test_token", HF_HOME=str(tmp_path / "home"))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.stdout.strip() == "rejected True", result.stdout + result.stderr[-2000:]
+    assert "README.md" not in hub.repos["user/bad"]
+    assert any(r.startswith("POST /api/validate-yaml") or "/commit/" in r for r in hub.requests)
+
+
+def test_trainer_push_ends_with_the_peft_card(hub, tmp_path):
+    assert _client(hub, tmp_path, "trainer_push", str(tmp_path / "base"), "user/trained", str(tmp_path / "out")) == {
+        "pushed": True
+    }
+    metadata, readme = _readme(hub, "user/trained")
+    assert metadata["library_name"] == "peft"
+    assert {"roselora", "peft", "lora", "base_model:adapter:meta-llama/Llama-2-7b-hf"} <= set(metadata["tags"])
+    assert "## RoseLoRA" in readme
+    assert json.loads(hub.repos["user/trained"]["adapter_config.json"])["peft_type"] == "ROSELORA"
