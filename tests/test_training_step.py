@@ -226,3 +226,21 @@ def test_prune_interval_recomputes_masks_on_the_grid_and_at_t_f():
     assert set(changes) <= {7, 11, 15, 19, 20, 23}
     assert kept[-1] == 8 * math.ceil(0.05 * 64)
     assert model.sparsity_report().within_bounds
+
+
+def test_forward_applies_the_masks_to_factors_modified_after_the_last_prune():
+    model = _roselora(make_tiny_llama(), lora_dropout=0.0)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    peft_roselora.register_optimizer_hooks(model, optimizer)
+    train_steps(model, optimizer, 25)
+    ids = random_batch(7)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        layer = _rose_layers(model)[0]
+        weight = layer.lora_A["default"].weight
+        weight.add_(0.5)  # e.g. an optimizer step without prune_step(): pruned entries become non-zero
+        weight.sub_(0.5 * layer.lora_mask_A["default"])  # kept entries restored, pruned ones now 0.5
+        assert weight[~layer.lora_mask_A["default"]].abs().min() > 0.4
+        actual = model(input_ids=ids).logits
+    assert torch.allclose(actual, expected, atol=1e-6)
+    assert not weight[~layer.lora_mask_A["default"]].any()  # zeroed in place before use

@@ -154,14 +154,42 @@ def _tiny_decoders() -> list[str]:
             )
         ),
     }
-    paths = []
+    ids = []
     for name, build in models.items():
         path = os.path.join(root, name)
         if not os.path.exists(os.path.join(path, "config.json")):
             torch.manual_seed(0)
             build().save_pretrained(path)
-        paths.append(path)
-    return paths
+        ids.append(f"roselora-suite/{name}")
+        _LOCAL_MODELS[ids[-1]] = path
+    _serve_local_models_under_hub_ids()
+    return ids
+
+
+# Hub-style ids of the tiny local decoders -> their folders. The models are served under these ids so that they look
+# like Hub models to PEFT's tests (whose model-card check expects `base_model` to be the model's `_name_or_path`, and
+# RoseLoRA, like the Hub, never writes a local path there).
+_LOCAL_MODELS: dict[str, str] = {}
+
+
+def _serve_local_models_under_hub_ids() -> None:
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained.__func__
+    if getattr(original, "_roselora_suite", False):
+        return
+
+    def from_pretrained(cls, name, *args, **kwargs):
+        local = _LOCAL_MODELS.get(name)
+        if local is None:
+            return original(cls, name, *args, **kwargs)
+        model = original(cls, local, *args, **kwargs)
+        model.config._name_or_path = name
+        model.name_or_path = name
+        return model
+
+    from_pretrained._roselora_suite = True
+    AutoModelForCausalLM.from_pretrained = classmethod(from_pretrained)
 
 
 def _patch_decoder_models(module) -> None:
