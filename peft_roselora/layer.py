@@ -142,13 +142,13 @@ class RoseLoraLayer(LoraLayer):
 
     @torch.no_grad()
     def refresh_mask_state(self, adapter_name: str) -> None:
-        """After masks were set from outside the schedule (loading, combining adapters): re-derive whether they keep
-        every entry, and zero the factors outside them."""
+        """After masks or factors were set from outside the schedule (loading, combining adapters): re-derive whether
+        the masks keep every entry, and forget that the factors were masked, so that the next forward zeroes them
+        outside the masks before using them (the loaded values themselves are left as they were saved)."""
         mask_a, mask_b = self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]
-        if "meta" in (mask_a.device.type, self.lora_A[adapter_name].weight.device.type):
-            return
-        self.rose_dense[adapter_name] = bool(mask_a.all()) and bool(mask_b.all())
-        self.apply_masks(adapter_name)
+        self.rose_masked_versions.pop(adapter_name, None)
+        if mask_a.device.type != "meta":
+            self.rose_dense[adapter_name] = bool(mask_a.all()) and bool(mask_b.all())
 
     def _factor_versions(self, adapter_name: str) -> tuple[int, int]:
         return self.lora_A[adapter_name].weight._version, self.lora_B[adapter_name].weight._version
