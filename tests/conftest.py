@@ -55,6 +55,29 @@ def train_steps(model, optimizer, steps: int, seed: int = 0) -> None:
     model.eval()
 
 
+def trained_roselora(base, targets, steps: int = 8, seed: int = 0, adapter_name: str = "default", **config):
+    """``base`` with a RoseLoRA adapter trained for ``steps`` steps on random tokens, the schedule driven by optimizer
+    hooks; ``config`` overrides the small defaults (r 4, alpha 8, keep ratio 0.25, t_i = steps // 4,
+    t_f = 3 * steps // 4, T = steps)."""
+    from peft import get_peft_model
+
+    settings = dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        keep_ratio=0.25,
+        prune_start_step=steps // 4,
+        prune_end_step=3 * steps // 4,
+        total_step=steps,
+    )
+    settings.update(config)
+    model = get_peft_model(base, peft_roselora.RoseLoraConfig(**settings), adapter_name=adapter_name)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    peft_roselora.register_optimizer_hooks(model, optimizer)
+    train_steps(model, optimizer, steps, seed=seed)
+    return model
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama, random_batch, train_steps
-from peft import PeftModel, get_peft_model
+from conftest import make_tiny_llama, random_batch, trained_roselora
+from peft import PeftModel
 
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is part of the dev extra")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 import peft_roselora  # noqa: E402
-from peft_roselora import RoseLoraConfig, RoseLoraLayer  # noqa: E402
+from peft_roselora import RoseLoraLayer  # noqa: E402
 
 
 QUANTIZATIONS = {
@@ -38,23 +38,10 @@ def _load(base_dir, quantization):
 @pytest.mark.parametrize("quantization", list(QUANTIZATIONS))
 def test_quantized_base_train_save_reload_merge(quantization, base_dir, tmp_path):
     expected_layer = bnb.nn.Linear4bit if quantization.startswith("4bit") else bnb.nn.Linear8bitLt
-    config = RoseLoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "up_proj"],
-        keep_ratio=0.25,
-        prune_start_step=2,
-        prune_end_step=5,
-        total_step=6,
-    )
-    model = get_peft_model(_load(base_dir, quantization), config)
+    model = trained_roselora(_load(base_dir, quantization), ["q_proj", "v_proj", "up_proj"], steps=6)
     layers = [m for m in model.modules() if isinstance(m, RoseLoraLayer)]
     assert layers and all(isinstance(m.get_base_layer(), expected_layer) for m in layers)
     assert {type(m).__name__ for m in layers} == {"Linear4bit" if quantization.startswith("4bit") else "Linear8bitLt"}
-
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    peft_roselora.register_optimizer_hooks(model, optimizer)
-    train_steps(model, optimizer, 6)
     report = model.sparsity_report()
     assert report.keep_ratio_reached == pytest.approx(0.25) and report.within_bounds
 

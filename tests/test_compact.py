@@ -6,30 +6,14 @@ import os
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama, random_batch, train_steps
-from peft import get_peft_model
+from conftest import make_tiny_gpt2, make_tiny_llama, random_batch, trained_roselora
 
 import peft_roselora
-from peft_roselora import RoseLoraConfig
 from peft_roselora.compact import COMPACT_WEIGHTS_NAME
 
 
 def _trained(factory, targets, keep_ratio):
-    config = RoseLoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=targets,
-        keep_ratio=keep_ratio,
-        prune_start_step=1,
-        prune_end_step=3,
-        total_step=4,
-        lora_bias=True,
-    )
-    model = get_peft_model(factory(), config)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    peft_roselora.register_optimizer_hooks(model, optimizer)
-    train_steps(model, optimizer, 4)
-    return model
+    return trained_roselora(factory(), targets, steps=4, keep_ratio=keep_ratio, lora_bias=True)
 
 
 @pytest.mark.parametrize("keep_ratio", [0.05, 0.25])

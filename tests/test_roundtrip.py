@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama, random_batch, train_steps
+from conftest import make_tiny_gpt2, make_tiny_llama, random_batch, train_steps, trained_roselora
 from peft import (
     AutoPeftModelForCausalLM,
     PeftModel,
@@ -34,20 +34,7 @@ MODELS = {
 
 def _trained(kind: str, seed: int = 0, keep_ratio: float = 0.25, adapter_name: str = "default"):
     factory, targets = MODELS[kind]
-    config = RoseLoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=targets,
-        keep_ratio=keep_ratio,
-        prune_start_step=2,
-        prune_end_step=6,
-        total_step=8,
-    )
-    model = get_peft_model(factory(), config, adapter_name=adapter_name)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    peft_roselora.register_optimizer_hooks(model, optimizer)
-    train_steps(model, optimizer, 8, seed=seed)
-    return model
+    return trained_roselora(factory(), targets, seed=seed, keep_ratio=keep_ratio, adapter_name=adapter_name)
 
 
 def _logits(model, ids=None):
