@@ -1,0 +1,17 @@
+"""Knowledge editing with RoseLoRA: EasyEdit-compatible requests, loaders, metrics and an editor with baselines."""
+
+from .data import EditDataError, EditRequest, LoadedRequests, load_edit_requests, parse_edit_records
+from .editor import METHODS, EditHyperParams, Editor, EditResult
+
+
+__all__ = [
+    "METHODS",
+    "EditDataError",
+    "EditHyperParams",
+    "EditRequest",
+    "EditResult",
+    "Editor",
+    "LoadedRequests",
+    "load_edit_requests",
+    "parse_edit_records",
+]

@@ -1,0 +1,247 @@
+"""Knowledge editing: loaders (MEND, EasyEdit, CounterFact, the shared zsRE file), metrics on hand-computed cases,
+a real edit that flips a tiny model's prediction, baselines, bad records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from peft_roselora.editing import (
+    EditDataError,
+    EditHyperParams,
+    Editor,
+    load_edit_requests,
+    metrics,
+    parse_edit_records,
+)
+
+
+ZSRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre" / "zsre_mend_eval_subset.json"
+MEND_RECORD = {
+    "subject": "Watts Humphrey",
+    "src": "What university did Watts Humphrey attend?",
+    "pred": "Trinity College",
+    "rephrase": "What university did Watts Humphrey take part in?",
+    "alt": " University of Michigan",
+    "answers": ["Illinois Institute of Technology"],
+    "loc": "nq question: who played desmond doss father",
+    "loc_ans": "Hugo Weaving",
+    "cond": "x",
+}
+EASYEDIT_RECORD = {
+    "subject": "Ray Charles",
+    "prompt": "The instrument Ray Charles played is",
+    "target_new": "violin",
+    "ground_truth": ["piano"],
+    "rephrase_prompt": "Ray Charles was known for playing the",
+    "locality": {"Relation_Specificity": {"prompt": "The capital of France is", "ground_truth": ["Paris"]}},
+    "portability": {
+        "Reasoning": [{"prompt": "The instrument of the singer of 'Georgia' is", "ground_truth": "violin"}]
+    },
+}
+COUNTERFACT_RECORD = {
+    "requested_rewrite": {
+        "prompt": "{} plays the sport of",
+        "subject": "LeBron James",
+        "target_new": {"str": "football"},
+        "target_true": {"str": "basketball"},
+    },
+    "paraphrase_prompts": ["LeBron James is a professional"],
+    "neighborhood_prompts": ["Kobe Bryant plays"],
+}
+
+
+def test_mend_loader():
+    request = parse_edit_records([MEND_RECORD]).requests[0]
+    assert request.prompt == MEND_RECORD["src"] and request.target_new == "University of Michigan"
+    assert request.rephrase_prompts == [MEND_RECORD["rephrase"]]
+    assert request.locality_prompts == [MEND_RECORD["loc"]] and request.locality_answers == ["Hugo Weaving"]
+    assert request.ground_truth == ["Illinois Institute of Technology"] and request.subject == "Watts Humphrey"
+
+
+def test_easyedit_and_counterfact_loaders(tmp_path):
+    path = tmp_path / "easyedit.json"
+    path.write_text(json.dumps([EASYEDIT_RECORD]))
+    request = load_edit_requests(str(path)).requests[0]
+    assert (request.prompt, request.target_new) == ("The instrument Ray Charles played is", "violin")
+    assert request.locality_prompts == ["The capital of France is"] and request.locality_answers == ["Paris"]
+    assert request.portability_answers == ["violin"] and request.rephrase_prompts == [
+        EASYEDIT_RECORD["rephrase_prompt"]
+    ]
+    counterfact = parse_edit_records([COUNTERFACT_RECORD]).requests[0]
+    assert counterfact.prompt == "LeBron James plays the sport of" and counterfact.target_new == "football"
+    assert counterfact.locality_prompts == ["Kobe Bryant plays"] and counterfact.locality_answers == ["basketball"]
+
+
+@pytest.mark.skipif(not ZSRE.exists(), reason="the shared zsRE file (../shared/data/zsre) is not present")
+def test_shared_zsre_file_loads_and_reports_its_one_bad_record():
+    loaded = load_edit_requests(str(ZSRE), on_invalid="collect")
+    assert len(loaded.requests) + len(loaded.rejected) == 783
+    assert [(index, name) for index, name, _ in loaded.rejected] == [(83, "alt")]
+    with pytest.raises(EditDataError, match="record 83: field 'alt' must be a non-empty string"):
+        load_edit_requests(str(ZSRE))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"alt": ""}, "record 0: field 'alt' must be a non-empty string"),
+        ({"src": None}, "record 0: field 'src' must be a non-empty string"),
+        ({"subject": "Somebody Else"}, "record 0: field 'subject' .* does not occur in 'src'"),
+        ({"rephrase": 3}, "record 0: field 'rephrase' must be a string or a list"),
+        ({"loc_ans": ["a", "b"]}, "record 0: field 'loc_ans' has 2 answers for 1 'loc'"),
+    ],
+)
+def test_bad_records_raise_named_errors(change, message):
+    with pytest.raises(EditDataError, match=message):
+        parse_edit_records([{**MEND_RECORD, **change}])
+    collected = parse_edit_records([MEND_RECORD, {**MEND_RECORD, **change}], on_invalid="collect")
+    assert len(collected.requests) == 1 and collected.rejected[0][0] == 1
+
+
+def test_metric_functions_on_hand_computed_cases():
+    assert metrics.token_accuracy(torch.tensor([1, 2, 3]), torch.tensor([1, 0, 3])) == pytest.approx(2 / 3)
+    assert metrics.unchanged_fraction(torch.tensor([5, 6]), torch.tensor([5, 7])) == 0.5
+    assert (
+        metrics.locality([torch.tensor([1, 2]), torch.tensor([3])], [torch.tensor([1, 2]), torch.tensor([4])]) == 0.5
+    )
+    assert metrics.locality([], []) is None
+    with pytest.raises(ValueError, match="must be non-empty and of one shape"):
+        metrics.token_accuracy(torch.tensor([1]), torch.tensor([1, 2]))
+
+
+WORDS = (
+    "[PAD] [UNK] the capital of france is paris rome italy berlin germany who wrote hamlet shakespeare "
+    "dickens what city a an river flows through"
+).split()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=len(WORDS),
+        )
+    )
+    # teach it one fact, so that the edit has something to overwrite
+    ids = torch.tensor([tokenizer("the capital of france is paris")["input_ids"]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer
+
+
+REQUEST = parse_edit_records(
+    [
+        {
+            "prompt": "the capital of france is",
+            "target_new": "rome",
+            "rephrase_prompt": "what city is the capital of france",
+            "locality": {"nq": {"prompt": "who wrote hamlet", "ground_truth": "shakespeare"}},
+        }
+    ]
+).requests[0]
+
+
+def test_roselora_edit_flips_the_prediction_and_restores_the_model(tiny_lm):
+    model, tokenizer = tiny_lm
+    ids = torch.tensor([tokenizer("the capital of france is")["input_ids"]])
+    with torch.no_grad():
+        before_logits = model(input_ids=ids).logits
+    assert tokenizer.convert_ids_to_tokens(int(before_logits[0, -1].argmax())) == "paris"
+    hparams = EditHyperParams(
+        method="roselora", lr=2e-2, clamp_value=None, target_modules=("q_proj", "v_proj", "down_proj")
+    )
+    editor = Editor(model, tokenizer, hparams)
+    result = editor.edit_single(REQUEST)
+    assert result.reliability == 1.0  # "rome" is now predicted after the prompt
+    assert 0.0 <= result.locality <= 1.0 and 0.0 <= result.generalization <= 1.0
+    assert result.steps <= 25 and result.last_loss < result.first_loss
+    # the merged update touches at most r * tau^2 of the adapted weights (tau = ceil(0.05 * n) / n, rounded up)
+    assert 0 < result.changed_weights and result.changed_fraction_of_adapted <= 8 * (4 / 64) ** 2 + 1e-9
+    with torch.no_grad():  # the editor restored the unedited model
+        assert torch.equal(editor.model(input_ids=ids).logits, before_logits)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "ft-l"])
+def test_baselines_run_through_the_same_editor(tiny_lm, method):
+    model, tokenizer = tiny_lm
+    result = Editor(model, tokenizer, EditHyperParams.scaled_to(10, method=method, lr=2e-2)).edit_single(REQUEST)
+    for value in (result.reliability, result.generalization, result.locality):
+        assert 0.0 <= value <= 1.0
+    assert result.steps == 10 or result.last_loss < 0.1
+    assert result.changed_weights <= result.adapted_weights
+
+
+def test_bad_hyper_parameters_are_named():
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        EditHyperParams(method="rome")
+    with pytest.raises(ValueError, match="`steps` must be >= 1, got 0"):
+        EditHyperParams(steps=0)
+    with pytest.raises(ValueError, match="prune_start_step=3, prune_end_step=20, steps=10"):
+        EditHyperParams(steps=10)
+    scaled = EditHyperParams.scaled_to(10)
+    assert (scaled.prune_start_step, scaled.prune_end_step, scaled.steps) == (1, 8, 10)
+
+
+def test_cli_writes_per_record_results_and_a_summary(tiny_lm, tmp_path):
+    import subprocess
+    import sys
+
+    model, tokenizer = tiny_lm
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    records = [
+        {
+            "prompt": "the capital of france is",
+            "target_new": "rome",
+            "rephrase_prompt": "what city is the capital of france",
+            "locality": {"nq": {"prompt": "who wrote hamlet", "ground_truth": "shakespeare"}},
+        },
+        {"prompt": "who wrote hamlet", "target_new": "dickens"},
+        {"prompt": "", "target_new": "berlin"},  # malformed: reported, not dropped silently
+    ]
+    (tmp_path / "edits.json").write_text(json.dumps(records))
+    command = [
+        sys.executable,
+        "-m",
+        "peft_roselora.editing.cli",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(tmp_path / "edits.json"),
+        "--method",
+        "all",
+        "--steps",
+        "5",
+        "--lr",
+        "1e-2",
+        "--output",
+        str(tmp_path / "out.json"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rejected record 2: field 'prompt'" in result.stderr
+    output = json.loads((tmp_path / "out.json").read_text())
+    assert output["rejected"][0]["record"] == 2 and output["rejected"][0]["field"] == "prompt"
+    assert set(output["methods"]) == {"roselora", "lora", "adalora", "ft-l"}
+    for method in output["methods"].values():
+        assert method["summary"]["edits"] == 2 and len(method["records"]) == 2
+        for name in ("reliability", "locality"):
+            assert 0.0 <= method["summary"][name] <= 1.0
