@@ -245,3 +245,18 @@ def test_cli_writes_per_record_results_and_a_summary(tiny_lm, tmp_path):
         assert method["summary"]["edits"] == 2 and len(method["records"]) == 2
         for name in ("reliability", "locality"):
             assert 0.0 <= method["summary"][name] <= 1.0
+
+
+def test_apply_keeps_the_edit_merged(tiny_lm):
+    import copy
+
+    model, tokenizer = tiny_lm
+    hparams = EditHyperParams(
+        method="roselora", lr=2e-2, clamp_value=None, target_modules=("q_proj", "v_proj", "down_proj")
+    )
+    edited, results = Editor(copy.deepcopy(model), tokenizer, hparams).apply([REQUEST])
+    assert results[0].reliability == 1.0
+    assert not any("lora_" in name for name, _ in edited.named_parameters())  # merged: a plain model again
+    ids = torch.tensor([tokenizer("the capital of france is")["input_ids"]])
+    with torch.no_grad():
+        assert tokenizer.convert_ids_to_tokens(int(edited(input_ids=ids).logits[0, -1].argmax())) == "rome"

@@ -141,6 +141,12 @@ class Editor:
         restore()
         return result
 
+    def apply(self, requests: list[EditRequest]):
+        """Edit and keep the edits: returns ``(edited model, results)``; the edits are merged into the model (the
+        editor's model is the edited one afterwards), one after another as in :meth:`edit_sequential`."""
+        results = self.edit_sequential(requests)
+        return self.model, results
+
     def edit_sequential(self, requests: list[EditRequest]) -> list[EditResult]:
         """Apply edits one after another, merging each into the model (edits accumulate; the model stays edited),
         then measure every edit on the final model; locality against the model before the first edit."""
