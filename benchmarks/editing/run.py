@@ -225,7 +225,7 @@ def main(argv=None) -> int:
         )
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as handle:
-        json.dump(output, handle, indent=2, default=str)
+        json.dump(output, handle, separators=(",", ":"), default=str)  # per-record rows: keep the file small
     if args.plot:
         from peft_roselora.editing.cli import plot_summary
 
