@@ -52,7 +52,6 @@ class RoseLoraCallback(TrainerCallback):
     ) -> None:
         _refuse_unsupported_setups(args, model)
         tuner = get_roselora_model(model)
-        self._tuner = tuner
         for name in tuner.active_adapters:
             config = tuner.peft_config[name]
             if config.total_step is None:
@@ -118,10 +117,6 @@ class RoseLoraCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs) -> None:
         if getattr(self, "_log_in_on_log", False) and logs is not None and model is not None:
             logs.update(_metrics(get_roselora_model(model)))
-
-    def on_train_end(self, args, state, control, model=None, **kwargs) -> None:
-        if self.optimizer_steps == 0 and state.global_step > 0 and state.max_steps > state.global_step:
-            warnings.warn("RoseLoraCallback saw no optimizer step during training.", stacklevel=2)
 
 
 def _metrics(tuner: RoseLoraModel) -> dict[str, float]:

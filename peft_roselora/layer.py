@@ -45,12 +45,12 @@ def _after_load_state_dict(module: RoseLoraLayer, incompatible_keys) -> None:
 
 
 class RoseLoraVariant(LoraVariant):
-    """The RoseLoRA ``LoraVariant``: LoRA with the factors multiplied by their masks.
+    """The RoseLoRA ``LoraVariant``: LoRA whose factors are exactly zero outside their masks.
 
-    In forward the masked factors are ``A * mask_A`` and ``B * mask_B``. With ``prune_mode="authors"`` the mask is
-    applied as a straight-through product (the gradient of a pruned entry is the gradient at zero, as in the authors'
-    code, where pruned weights are simply zero); with ``prune_mode="persistent"`` pruned entries get zero gradient.
-    Merging adds ``scaling * (B * mask_B) @ (A * mask_A)``, whose density is at most ``r * tau^2``.
+    Forward uses the factors as they are once :meth:`RoseLoraLayer.ensure_masked` has zeroed any entry modified
+    outside the masks since the last prune (so gradients are those of the authors' code, where pruned weights are
+    simply zero; ``prune_mode="persistent"`` masks gradients in ``update_importance``). Merging adds
+    ``scaling * (B * mask_B) @ (A * mask_A)``, whose density is at most ``r * tau^2``.
     """
 
     def supports_lora_conversion(self) -> bool:
@@ -192,9 +192,7 @@ class RoseLoraLayer(LoraLayer):
         Returns:
             Tensor: shape of the base weight, in the dtype of the factors (computed in fp32 for half factors on CPU).
         """
-        with torch.no_grad():
-            weight_a = self.lora_A[adapter].weight.masked_fill(~self.lora_mask_A[adapter], 0)
-            weight_b = self.lora_B[adapter].weight.masked_fill(~self.lora_mask_B[adapter], 0)
+        weight_a, weight_b = self.masked_factors(adapter)
         dtype = weight_b.dtype
         if weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
             weight_a, weight_b = weight_a.float(), weight_b.float()

@@ -110,11 +110,9 @@ class RoseLoraModel(LoraModel):
                 "would sum or re-factorise the sparse factors and break their row/column masks. Use "
                 "combination_type='cat', which keeps them exactly."
             )
-        for layer in self.model.modules():
-            if isinstance(layer, RoseLoraLayer):
-                for name in adapters:
-                    if name in layer.lora_A:
-                        layer.apply_masks(name)
+        for name in adapters:  # PEFT's cat reads the raw factors
+            for layer in self._rose_layers(name):
+                layer.apply_masks(name)
         super().add_weighted_adapter(adapters, weights, adapter_name, combination_type="cat", **kwargs)
         for layer in self._rose_layers(adapter_name):
             sources = [name for name in adapters if name in layer.lora_A]
@@ -148,7 +146,7 @@ class RoseLoraModel(LoraModel):
         """The RoseLoRA layers holding ``adapter_name`` (cached: the hot path must not walk the model each step)."""
         cache = self.__dict__.setdefault("_rose_layer_cache", {})
         layers = cache.get(adapter_name)
-        if layers is None or any(adapter_name not in layer.lora_A for layer in layers[:1]):
+        if layers is None or (layers and adapter_name not in layers[0].lora_A):
             layers = [m for m in self.model.modules() if isinstance(m, RoseLoraLayer) and adapter_name in m.lora_A]
             cache[adapter_name] = layers
         return layers
@@ -236,7 +234,7 @@ class RoseLoraModel(LoraModel):
                     device = layer.lora_A[name].weight.device
                     previous.append(ema.to(device) if ema is not None and ema.device != device else ema)
             updated = sparsity.update_importance_emas(
-                previous, weights, [w.grad for w in weights], self.peft_config[name].importance_beta
+                previous, weights, [w.grad for w in weights], config.importance_beta
             )
             for index, layer in enumerate(layers):
                 layer.rose_importance_A[name] = updated[2 * index]
