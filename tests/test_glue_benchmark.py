@@ -6,7 +6,9 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -112,3 +114,31 @@ def test_quick_run_completes_and_accounts_parameters(tmp_path):
             < cells["roselora-0.3"]["changed_base_weights"]["mean"]
         )
     assert 0.5 < report["base_sts_spearman"] < 1.0  # the pretrained sentence encoder's zero-shot skill
+
+
+def test_per_task_budgets_are_part_of_the_cell_key_not_of_the_cache_folder():
+    import run
+
+    cpu = run.PRESETS["cpu"]
+    assert cpu.for_task("CoLA") == (None, 1.5) and cpu.for_task("RTE") == (2000, 1.5)
+    assert run.PRESETS["quick"].for_task("CoLA") == (48, 1)  # no override: the defaults
+    longer_mrpc = replace(cpu, per_task={**cpu.per_task, "MRPC": (None, 2.0)})
+    # changing one task's budget keeps the folder (the other tasks' cells stay valid) and renames that task's cells
+    assert longer_mrpc.shared_fingerprint() == cpu.shared_fingerprint()
+    keys = [run.cell_key(SimpleNamespace(budget=b), "MRPC", "lora", 0, 1e-3) for b in (cpu, longer_mrpc)]
+    assert keys == ["MRPC-nall-e1_lora_s0_lr0.001", "MRPC-nall-e2_lora_s0_lr0.001"]
+    rte = {run.cell_key(SimpleNamespace(budget=b), "RTE", "full", 1, 2e-5) for b in (cpu, longer_mrpc)}
+    assert rte == {"RTE-n2000-e1.5_full_s1_lr2e-05"}
+    # a shared setting (batch size) changes the folder; the seeds do not (each cell's key names its seed)
+    assert replace(cpu, batch_size=16).shared_fingerprint() != cpu.shared_fingerprint()
+    assert replace(cpu, seeds=(3,)).shared_fingerprint() == cpu.shared_fingerprint()
+
+
+def test_bad_seeds_and_learning_rates_are_refused_naming_the_option(capsys):
+    import run
+
+    with pytest.raises(SystemExit):
+        run.main(["--seeds", "-1", "--model", "unused", "--report-only"])
+    assert "--seeds [-1]: seeds must be non-negative integers" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--learning-rates: unknown method family 'dora'"):
+        run.parse_learning_rates("full=5e-5,dora=1e-3")

