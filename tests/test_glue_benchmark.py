@@ -8,7 +8,6 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -125,9 +124,9 @@ def test_per_task_budgets_are_part_of_the_cell_key_not_of_the_cache_folder():
     longer_mrpc = replace(cpu, per_task={**cpu.per_task, "MRPC": (None, 2.0)})
     # changing one task's budget keeps the folder (the other tasks' cells stay valid) and renames that task's cells
     assert longer_mrpc.shared_fingerprint() == cpu.shared_fingerprint()
-    keys = [run.cell_key(SimpleNamespace(budget=b), "MRPC", "lora", 0, 1e-3) for b in (cpu, longer_mrpc)]
+    keys = [run.cell_key(b, "MRPC", "lora", 0, 1e-3) for b in (cpu, longer_mrpc)]
     assert keys == ["MRPC-nall-e1_lora_s0_lr0.001", "MRPC-nall-e2_lora_s0_lr0.001"]
-    rte = {run.cell_key(SimpleNamespace(budget=b), "RTE", "full", 1, 2e-5) for b in (cpu, longer_mrpc)}
+    rte = {run.cell_key(b, "RTE", "full", 1, 2e-5) for b in (cpu, longer_mrpc)}
     assert rte == {"RTE-n2000-e1.5_full_s1_lr2e-05"}
     # a shared setting (batch size) changes the folder; the seeds do not (each cell's key names its seed)
     assert replace(cpu, batch_size=16).shared_fingerprint() != cpu.shared_fingerprint()
@@ -142,3 +141,7 @@ def test_bad_seeds_and_learning_rates_are_refused_naming_the_option(capsys):
     assert "--seeds [-1]: seeds must be non-negative integers" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--learning-rates: unknown method family 'dora'"):
         run.parse_learning_rates("full=5e-5,dora=1e-3")
+    for bad in ("lora=-1e-3", "lora=fast", "lora"):
+        with pytest.raises(ValueError, match=f"--learning-rates: '{bad}' needs a learning rate > 0"):
+            run.parse_learning_rates(bad)
+    assert run.parse_learning_rates("lora=1e-3")["lora"]["learning_rate"] == 1e-3

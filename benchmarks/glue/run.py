@@ -368,8 +368,9 @@ def run_cell(ctx: Context, task_name: str, method: str, seed: int, learning_rate
     }
 
 
-def cell_key(ctx: Context, task: str, method: str, seed: int, learning_rate: float) -> str:
-    train_size, epochs = ctx.budget.for_task(task)
+def cell_key(budget: Budget, task: str, method: str, seed: int, learning_rate: float) -> str:
+    """The cache name of one cell: the task with its training set size and epochs, method, seed and rate."""
+    train_size, epochs = budget.for_task(task)
     return f"{task}-n{train_size or 'all'}-e{epochs:g}_{method}_s{seed}_lr{learning_rate:g}"
 
 
@@ -382,7 +383,7 @@ def compute_cell(ctx: Context, task: str, method: str, seed: int, learning_rate:
         print(f"[glue]   main={result['scores']['main']:.4f} train={result['train_seconds']:.1f}s", flush=True)
         return result
 
-    return ctx.cached(cell_key(ctx, task, method, seed, learning_rate), compute)
+    return ctx.cached(cell_key(ctx.budget, task, method, seed, learning_rate), compute)
 
 
 def lr_grid(family: str, budget: Budget) -> tuple[float, ...]:
@@ -402,7 +403,7 @@ def choose_learning_rates(ctx: Context, methods: list[str]) -> dict[str, dict]:
         members = [m for m in methods if method_family(m) == family]
         grid_scores = {}
         for lr in lr_grid(family, ctx.budget):
-            cells = [ctx.cached(cell_key(ctx, "RTE", m, ctx.budget.seeds[0], lr), _missing) for m in members]
+            cells = [ctx.cached(cell_key(ctx.budget, "RTE", m, ctx.budget.seeds[0], lr), _missing) for m in members]
             grid_scores[f"{lr:g}"] = statistics.fmean(c["scores"]["main"] for c in cells)
         best = max(grid_scores, key=grid_scores.get)
         chosen[family] = {"learning_rate": float(best), "rte_dev_by_learning_rate": grid_scores}
@@ -429,7 +430,7 @@ def summarize(ctx: Context, tasks: list[str], methods: list[str], learning_rates
     for task in tasks:
         for method in methods:
             lr = learning_rates[method_family(method)]["learning_rate"]
-            cells[task, method] = [ctx.cached(cell_key(ctx, task, method, s, lr), _missing) for s in budget.seeds]
+            cells[task, method] = [ctx.cached(cell_key(budget, task, method, s, lr), _missing) for s in budget.seeds]
     table = {}
     for (task, method), runs in cells.items():
         entry = {name: mean_std([r["scores"][name] for r in runs]) for name in runs[0]["scores"]}
@@ -574,7 +575,13 @@ def parse_learning_rates(text: str) -> dict[str, dict]:
         family, _, value = item.partition("=")
         if family not in LR_GRID:
             raise ValueError(f"--learning-rates: unknown method family {family!r}; expected one of {sorted(LR_GRID)}")
-        chosen[family] = {"learning_rate": float(value), "rte_dev_by_learning_rate": None}
+        try:
+            learning_rate = float(value)
+        except ValueError:
+            learning_rate = math.nan
+        if not 0 < learning_rate < math.inf:
+            raise ValueError(f"--learning-rates: {item!r} needs a learning rate > 0 after '=', e.g. {family}=1e-3")
+        chosen[family] = {"learning_rate": learning_rate, "rte_dev_by_learning_rate": None}
     return chosen
 
 
@@ -637,7 +644,10 @@ def main(argv: list[str] | None = None) -> None:
         },
     )["spearman"]
     if args.learning_rates:
-        learning_rates = parse_learning_rates(args.learning_rates)
+        try:
+            learning_rates = parse_learning_rates(args.learning_rates)
+        except ValueError as error:
+            parser.error(str(error))
         missing = {method_family(m) for m in methods} - set(learning_rates)
         if missing:
             parser.error(f"--learning-rates {args.learning_rates}: no value for {sorted(missing)}")
@@ -647,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
             for index, cell in enumerate(search):
                 if index % shard_count == shard_index:
                     compute_cell(ctx, *cell)
-            wait_for(ctx, [cell_key(ctx, *cell) for cell in search])
+            wait_for(ctx, [cell_key(budget, *cell) for cell in search])
         learning_rates = choose_learning_rates(ctx, methods)
         print(f"[glue] learning rates: { {f: v['learning_rate'] for f, v in learning_rates.items()} }", flush=True)
     table_cells = [
@@ -664,7 +674,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[glue] shard {args.shard} done in {time.perf_counter() - started:.0f}s", flush=True)
             if shard_index != 0:
                 return
-            wait_for(ctx, [cell_key(ctx, *cell) for cell in table_cells])
+            wait_for(ctx, [cell_key(budget, *cell) for cell in table_cells])
     summary = summarize(ctx, args.tasks, methods, learning_rates, base_sts)
     report = {
         "preset": preset,
