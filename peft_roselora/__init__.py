@@ -14,6 +14,7 @@ add_peft_type_member()
 from ._registration import register  # noqa: E402
 from .callback import RoseLoraCallback, UnsupportedSetupError  # noqa: E402
 from .compact import load_compact, save_compact  # noqa: E402
+from .compat import check_transformers_adapter_api, warn_if_transformers_adapter_api_is_broken  # noqa: E402
 from .config import RoseLoraConfig  # noqa: E402
 from .export import export_to_lora  # noqa: E402
 from .hub import push_to_hub, push_trainer_to_hub  # noqa: E402
@@ -24,6 +25,7 @@ from .training import register_optimizer_hooks  # noqa: E402
 
 
 register()
+warn_if_transformers_adapter_api_is_broken()
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,7 @@ __all__ = [
     "RoseLoraVariant",
     "SparsityReport",
     "UnsupportedSetupError",
+    "check_transformers_adapter_api",
     "export_to_lora",
     "load_compact",
     "push_to_hub",

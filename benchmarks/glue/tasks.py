@@ -147,3 +147,54 @@ def read_split(data_dir: Path, task: GlueTask, split: str) -> list[dict]:
         if bad:
             raise ValueError(f"{path}: labels {sorted(bad)} outside 0..{task.num_labels - 1}")
     return examples
+
+
+# GLUE on the Hugging Face Hub: dataset id, the config name of each task, and its columns (test labels are hidden)
+HUB_DATASET = "nyu-mll/glue"
+HUB_CONFIGS = {"CoLA": "cola", "MRPC": "mrpc", "RTE": "rte", "SST-2": "sst2", "STS-B": "stsb"}
+HUB_SPLITS = {"train": "train", "dev": "validation"}
+
+
+def examples_from_hub_rows(rows, task: GlueTask) -> list[dict]:
+    """Examples in the reader's form from rows of the Hub dataset (``sentence`` or ``sentence1``/``sentence2`` and
+    ``label``; the Hub's RTE and MRPC labels already use this module's ids).
+
+    Raises:
+        ValueError: a row lacks a column or has a label outside the task's labels.
+    """
+    first, second = ("sentence", None) if task.text_b is None else ("sentence1", "sentence2")
+    examples = []
+    for index, row in enumerate(rows):
+        try:
+            label = float(row["label"]) if task.is_regression else int(row["label"])
+            examples.append({"text_a": row[first], "text_b": row[second] if second else None, "label": label})
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{HUB_DATASET}/{HUB_CONFIGS[task.name]} row {index}: malformed: {error!r}") from error
+    if not task.is_regression:
+        bad = {example["label"] for example in examples} - set(range(task.num_labels))
+        if bad:
+            raise ValueError(f"{HUB_DATASET}/{HUB_CONFIGS[task.name]}: labels {sorted(bad)} outside 0..1")
+    return examples
+
+
+def load_split(task: GlueTask, split: str, data_dir: Path | None = None) -> list[dict]:
+    """Examples of ``split`` ("train" or "dev") of ``task``: from ``data_dir/<task>/<split>.tsv`` when ``data_dir`` is
+    given (the standard ``glue_data`` layout), else through ``datasets`` from the Hub (``nyu-mll/glue``).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`read_split`, or when the Hub cannot be reached (the message names
+            the dataset id and ``--data``).
+    """
+    if data_dir is not None:
+        return read_split(data_dir, task, split)
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(HUB_DATASET, HUB_CONFIGS[task.name], split=HUB_SPLITS[split])
+    except Exception as error:  # offline, or the Hub refused: say what was tried and the way out
+        raise FileNotFoundError(
+            f"could not load GLUE {task.name} ({HUB_DATASET}, config {HUB_CONFIGS[task.name]!r}, split "
+            f"{HUB_SPLITS[split]!r}) from the Hub: {type(error).__name__}: {error}. Offline, pass --data DIR with "
+            "the standard glue_data folders (<DIR>/<TASK>/train.tsv, dev.tsv)."
+        ) from error
+    return examples_from_hub_rows(rows, task)
