@@ -1,6 +1,6 @@
 """Print the installed versions that differ from a pip constraints file (CI's lock), one line each.
 
-    python .ci/compare_versions.py .ci/constraints.txt --label newest
+python .ci/compare_versions.py .ci/constraints.txt --label newest
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def adapter_config(method: str, rank: int):
         )
     if method == "roselora-decay":
         return RoseLoraConfig(**common, keep_ratio=0.1, prune_start_step=0, prune_end_step=FAR, total_step=FAR)
-    mode = "persistent" if method.endswith("persistent") else "authors"
+    mode = "persistent" if method.endswith("persistent") else "reselect"
     return RoseLoraConfig(
         **common, keep_ratio=0.1, prune_start_step=0, prune_end_step=1, total_step=FAR, prune_mode=mode
     )

@@ -59,7 +59,7 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad()
     accelerator.print(model.sparsity_report())
-    accelerator.print(f"optimizer steps {model.schedule_step()}, keep ratio {model.current_keep_ratio():.3f}")
+    accelerator.print(f"optimizer steps {model.steps_taken()}, keep ratio {model.current_keep_ratio():.3f}")
 
 
 if __name__ == "__main__":

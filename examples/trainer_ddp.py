@@ -72,7 +72,7 @@ def main() -> None:
     save_file(tensors, os.path.join(args.output_dir, f"rank{rank}.safetensors"))
     if rank == 0:
         print(model.sparsity_report())
-        print(f"world size {training_args.world_size}, schedule step {model.schedule_step()}")
+        print(f"world size {training_args.world_size}, schedule step {model.steps_taken()}")
 
 
 if __name__ == "__main__":

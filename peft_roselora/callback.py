@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .model import RoseLoraModel
-from .training import get_roselora_model
+from .training import attach_schedule_state, get_roselora_model, restore_schedule_from_optimizer, unwrap_optimizer
 
 
-STATE_FILE = "roselora_state.safetensors"
-LOG_KEYS = ("roselora_keep_ratio", "roselora_factor_density")
+# the schedule state file of 0.1.0 checkpoints (now the state travels in the optimizer's state dict)
+LEGACY_STATE_FILE = "roselora_state.safetensors"
+LOG_KEYS = (
+    "roselora_keep_ratio",
+    "roselora_factor_density",
+    "roselora_skipped_steps",
+    "roselora_nonfinite_steps",
+)
 
 
 class UnsupportedSetupError(RuntimeError):
@@ -29,26 +34,50 @@ class RoseLoraCallback(TrainerCallback):
 
     - ``on_train_begin``: resolves ``total_step`` from the Trainer's ``max_steps`` if the config leaves it unset
       (``prune_start_step`` / ``prune_end_step`` given as fractions resolve against it: defaults 10 % and 80 %),
-      restores the schedule state when the run resumes from a checkpoint, and refuses FSDP and DeepSpeed.
-    - ``on_pre_optimizer_step`` (gradients present, accumulated and clipped): ``update_importance()``.
-    - ``on_optimizer_step``: ``prune_step()``; once per optimizer step, also with gradient accumulation.
-    - ``on_save``: writes ``roselora_state.safetensors`` (step and importance EMAs) into the checkpoint folder; the
-      adapter file in the checkpoint stays a normal PEFT adapter.
-    - logging: adds ``roselora_keep_ratio`` and ``roselora_factor_density`` to every Trainer log, so they reach
-      the console, ``state.log_history``, TensorBoard, W&B, ... like ``loss``.
+      makes the optimizer's state dict carry the schedule state (so every Trainer checkpoint holds it), restores it
+      when the run resumes (the Trainer has loaded the optimizer by then), and refuses FSDP and DeepSpeed.
+    - ``on_pre_optimizer_step`` (gradients present, accumulated and clipped): ``update_importance()``, on unscaled
+      gradients under fp16 mixed precision.
+    - ``on_optimizer_step``: ``prune_step()``, once per optimizer step, also with gradient accumulation; a step the
+      GradScaler skipped (overflow) runs no prune and is counted instead (``skip_step()``).
+    - ``on_log``: adds ``roselora_keep_ratio``, ``roselora_factor_density``, ``roselora_skipped_steps`` and
+      ``roselora_nonfinite_steps`` to every training log.
+
+    Args:
+        resume_from_checkpoint (str | None): only for checkpoints written by peft-roselora 0.1.0 outside
+            ``output_dir`` (their schedule state is a ``roselora_state.safetensors`` file, not in the optimizer):
+            the folder to read it from.
 
     Raises:
         UnsupportedSetupError: at train begin under FSDP or DeepSpeed.
-        RuntimeError: in the first optimizer step if the adapter has no gradients (e.g. frozen by mistake).
+        RuntimeError: in the first optimizer step if the adapter has no gradients (e.g. frozen by mistake), or when
+            the schedule and the Trainer disagree on the step (the schedule is driven twice).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, resume_from_checkpoint: Optional[str] = None) -> None:
         self.optimizer_steps = 0  # optimizer steps this callback drove in this process (for tests and sanity)
+        self.resume_from_checkpoint = resume_from_checkpoint
+
+    @classmethod
+    def attach(cls, trainer, **kwargs) -> RoseLoraCallback:
+        """Add a ``RoseLoraCallback`` to ``trainer`` as its *first* callback, so that the reporting integrations
+        (TensorBoard, W&B, ...) see the RoseLoRA metrics.
+
+        transformers runs the reporting integrations before callbacks passed with ``callbacks=[...]`` and
+        ``Trainer.log`` offers no hook before them, so metrics added in ``on_log`` by a later callback reach the
+        console, ``state.log_history`` and later callbacks only. This uses the public ``trainer.callback_handler``
+        list; any ``RoseLoraCallback`` already there is replaced.
+        """
+        callbacks = trainer.callback_handler.callbacks
+        callbacks[:] = [callback for callback in callbacks if not isinstance(callback, RoseLoraCallback)]
+        callback = cls(**kwargs)
+        callbacks.insert(0, callback)
+        return callback
 
     # ---- train begin -------------------------------------------------------------------------------------------
 
     def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, optimizer=None, **_
     ) -> None:
         _refuse_unsupported_setups(args, model)
         tuner = get_roselora_model(model)
@@ -63,97 +92,115 @@ class RoseLoraCallback(TrainerCallback):
                     f"step {state.max_steps}: training ends before the target sparsity is reached.",
                     stacklevel=2,
                 )
-        trainer, resume_from = _find_trainer()
+        if optimizer is None:
+            raise UnsupportedSetupError("RoseLoraCallback received no optimizer at train begin.")
+        attach_schedule_state(model, optimizer)
+        restored = restore_schedule_from_optimizer(tuner, optimizer)
         if state.global_step > 0:
-            self._restore(tuner, args, state, resume_from)
-        if trainer is not None:
-            _add_metrics_to_trainer_logs(trainer, tuner)
-        else:  # unusual call path: the metrics still reach on_log of later callbacks and state.log_history
-            self._log_in_on_log = True
-
-    def _restore(self, tuner: RoseLoraModel, args, state: TrainerState, resume_from: Optional[str]) -> None:
-        candidates = [resume_from, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
-        for folder in candidates:
-            if folder and os.path.isfile(os.path.join(folder, STATE_FILE)):
-                tuner.load_roselora_state_dict(load_file(os.path.join(folder, STATE_FILE)))
-                steps = {name: tuner.schedule_step(name) for name in tuner.active_adapters}
-                if any(step != state.global_step for step in steps.values()):
+            if not restored:
+                self._restore_legacy(tuner, args, state)
+            for name in tuner.active_adapters:
+                schedule = tuner.adapter_schedule(name)
+                if schedule.step + schedule.skipped_steps != state.global_step:
                     raise RuntimeError(
-                        f"RoseLoRA state in {folder} is at steps {steps}, the Trainer resumes at step "
-                        f"{state.global_step}."
+                        f"RoseLoRA schedule of adapter '{name}' resumes at step {schedule.step} with "
+                        f"{schedule.skipped_steps} skipped steps, but the Trainer resumes at step {state.global_step}: "
+                        "the checkpoint's optimizer state and trainer state do not belong together."
                     )
+
+    def _restore_legacy(self, tuner: RoseLoraModel, args, state: TrainerState) -> None:
+        candidates = [
+            self.resume_from_checkpoint,
+            args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None,
+            os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"),
+        ]
+        candidates = [c for c in candidates if c]
+        for folder in candidates:
+            path = os.path.join(folder, LEGACY_STATE_FILE)
+            if os.path.isfile(path):
+                tuner.load_roselora_state_dict(load_file(path))
                 return
         raise RuntimeError(
-            f"Resuming at step {state.global_step}, but no {STATE_FILE} was found in {[c for c in candidates if c]}: "
-            "the checkpoint was not written with RoseLoraCallback, so the RoseLoRA schedule cannot resume exactly."
+            f"Resuming at step {state.global_step}, but the optimizer state holds no RoseLoRA schedule state and no "
+            f"0.1.0 {LEGACY_STATE_FILE} was found in {candidates}: the checkpoint was not written with "
+            "RoseLoraCallback, so the RoseLoRA schedule cannot resume exactly. For a 0.1.0 checkpoint outside "
+            "output_dir pass RoseLoraCallback(resume_from_checkpoint=PATH)."
         )
 
     # ---- the step ----------------------------------------------------------------------------------------------
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
+        self._loss_scale_before = _unscale_gradients(optimizer)
         get_roselora_model(model).update_importance()
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
         tuner = get_roselora_model(model)
-        expected = state.global_step  # 0-based index of this optimizer step
         for name in tuner.active_adapters:
-            if tuner.schedule_step(name) != expected:
+            schedule = tuner.adapter_schedule(name)
+            if schedule.step + schedule.skipped_steps != state.global_step:  # global_step: 0-based index of this step
                 raise RuntimeError(
-                    f"RoseLoRA schedule of adapter '{name}' is at step {tuner.schedule_step(name)} but the Trainer is "
-                    f"at optimizer step {expected}: is the schedule also driven elsewhere (optimizer hooks)?"
+                    f"RoseLoRA schedule of adapter '{name}' is at step {schedule.step} (+{schedule.skipped_steps} "
+                    f"skipped) but the Trainer is at optimizer step {state.global_step}: is the schedule also driven "
+                    "elsewhere (optimizer hooks)?"
                 )
-        tuner.prune_step()
+        if _step_was_skipped(optimizer, getattr(self, "_loss_scale_before", None)):
+            tuner.skip_step()
+        else:
+            tuner.prune_step()
         self.optimizer_steps += 1
 
-    # ---- checkpoints and logs ----------------------------------------------------------------------------------
-
-    def on_save(self, args, state, control, model=None, **kwargs) -> None:
-        if not state.is_world_process_zero:
-            return
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(folder):
-            save_file(get_roselora_model(model).roselora_state_dict(), os.path.join(folder, STATE_FILE))
+    # ---- logs --------------------------------------------------------------------------------------------------
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs) -> None:
-        if getattr(self, "_log_in_on_log", False) and logs is not None and model is not None:
-            logs.update(_metrics(get_roselora_model(model)))
+        # Trainer.log() has no hook before the callbacks run and appends a copy of `logs` to state.log_history just
+        # before on_log: update both. Callbacks before this one (the reporting integrations, unless
+        # RoseLoraCallback.attach(trainer) put this one first) have already seen `logs`.
+        if logs is None or model is None or not any(key in logs for key in ("loss", "train_loss", "eval_loss")):
+            return
+        metrics = _metrics(get_roselora_model(model))
+        logs.update(metrics)
+        if state.log_history:  # the entry Trainer.log() appended for these logs
+            state.log_history[-1].update(metrics)
 
 
 def _metrics(tuner: RoseLoraModel) -> dict[str, float]:
     name = tuner.active_adapters[0]
-    return {"roselora_keep_ratio": tuner.current_keep_ratio(name), "roselora_factor_density": tuner.factor_density()}
+    schedule = tuner.adapter_schedule(name)
+    return {
+        "roselora_keep_ratio": tuner.current_keep_ratio(name),
+        "roselora_factor_density": tuner.factor_density(),
+        "roselora_skipped_steps": schedule.skipped_steps,
+        "roselora_nonfinite_steps": schedule.nonfinite_steps,
+    }
 
 
-def _add_metrics_to_trainer_logs(trainer, tuner: RoseLoraModel) -> None:
-    """Wrap ``trainer.log`` once so that every log carries the RoseLoRA metrics before any callback sees it
-    (transformers runs the reporting integrations before user callbacks)."""
-    if getattr(trainer.log, "_roselora_wrapped", False):
-        return
-    original = trainer.log
+def _unscale_gradients(optimizer) -> Optional[float]:
+    """Under fp16 mixed precision the gradients are still multiplied by the loss scale in ``on_pre_optimizer_step``
+    unless the Trainer clipped them (``max_grad_norm``): unscale them first, through the GradScaler's public
+    ``unscale_``, which ``scaler.step`` then honours (it unscales each optimizer once per step).
 
-    def log(logs: dict[str, float], *args, **kwargs):
-        if any(key in logs for key in ("loss", "train_loss", "eval_loss")) or not logs:
-            logs = {**logs, **_metrics(tuner)}
-        return original(logs, *args, **kwargs)
+    Returns:
+        float | None: the loss scale before the step, or None without an enabled GradScaler.
+    """
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    try:
+        scaler.unscale_(unwrap_optimizer(optimizer))
+    except RuntimeError as error:  # already unscaled this step (gradient clipping did it)
+        if "unscale_() has already been called" not in str(error):
+            raise
+    return scaler.get_scale()
 
-    log._roselora_wrapped = True
-    trainer.log = log
 
-
-def _find_trainer():
-    """The ``Trainer`` whose training loop called this callback, and its ``resume_from_checkpoint`` argument."""
-    from transformers import Trainer
-
-    frame = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            break
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, Trainer) and "resume_from_checkpoint" in frame.f_locals:
-            resume_from = frame.f_locals["resume_from_checkpoint"]
-            return owner, resume_from if isinstance(resume_from, str) else None
-        frame = frame.f_back
-    return None, None
+def _step_was_skipped(optimizer, loss_scale_before: Optional[float]) -> bool:
+    """Whether the GradScaler skipped the optimizer step that just ran. ``GradScaler.update()`` lowers the scale
+    exactly when it found inf/NaN gradients and skipped the step; accelerate's ``step_was_skipped`` is also honoured
+    (with accelerate 1.15 and the Trainer it stays False for skipped steps on CPU, so the scale is the signal)."""
+    if getattr(optimizer, "step_was_skipped", False):
+        return True
+    scaler = getattr(optimizer, "scaler", None)
+    return loss_scale_before is not None and scaler is not None and scaler.get_scale() < loss_scale_before
 
 
 def _refuse_unsupported_setups(args: TrainingArguments, model) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -11,7 +13,9 @@ from peft.utils import PeftType
 from .sparsity import resolve_step
 
 
-PRUNE_MODES = ("authors", "persistent")
+PRUNE_MODES = ("reselect", "persistent")
+# deprecated spellings of prune_mode (accepted with a FutureWarning until 0.3)
+_DEPRECATED_PRUNE_MODES = {"authors": "reselect"}
 
 # LoRA options that change what the adapter computes and that RoseLoRA does not implement. Each entry is the config
 # field and a predicate telling whether the user switched it on.
@@ -91,18 +95,29 @@ class RoseLoraConfig(LoraConfig):
             "pruning has started (the paper's norm constraint for knowledge editing, 3e-3). None: off."
         },
     )
-    prune_mode: Literal["authors", "persistent"] = field(
-        default="authors",
+    prune_mode: Literal["reselect", "persistent"] = field(
+        default="reselect",
         metadata={
-            "help": "'authors': every prune re-selects the top entries by importance among all entries and gradients "
-            "are not masked, exactly as the authors' code. 'persistent': an entry once pruned stays pruned and its "
-            "gradient is masked. Both keep the saved, merged and evaluated weights exactly sparse."
+            "help": "'reselect': every prune re-selects the top entries by importance among all entries and gradients "
+            "are not masked (the authors' code). 'persistent': an entry once pruned stays pruned and its gradient is "
+            "masked. Both keep the saved, merged and evaluated weights exactly sparse. 'authors' is a deprecated "
+            "spelling of 'reselect'."
         },
     )
 
     def __post_init__(self) -> None:
-        # before LoraConfig's own checks, which would first demand the extras of options we reject anyway
+        # before LoraConfig's own checks, which would first demand the extras of options we reject anyway (and
+        # compare numbers with strings read from a hand-edited adapter_config.json)
         self._check_lora_options()
+        self._check_lora_field_types()
+        if self.prune_mode in _DEPRECATED_PRUNE_MODES:
+            warnings.warn(
+                f"prune_mode={self.prune_mode!r} is deprecated; use {_DEPRECATED_PRUNE_MODES[self.prune_mode]!r} "
+                "(same behaviour).",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.prune_mode = _DEPRECATED_PRUNE_MODES[self.prune_mode]
         super().__post_init__()
         self.peft_type = PeftType.ROSELORA
         self._check_schedule_fields()
@@ -121,13 +136,22 @@ class RoseLoraConfig(LoraConfig):
                 f"{list(_SUPPORTED_INIT_LORA_WEIGHTS)}."
             )
 
+    def _check_lora_field_types(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"`r` must be an integer >= 1, got {self.r!r}.")
+        if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"`lora_alpha` must be a finite number > 0, got {self.lora_alpha!r}.")
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be a number in [0, 1), got {self.lora_dropout!r}.")
+        for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+
     def _check_schedule_fields(self) -> None:
-        if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
+        if not _is_number(self.keep_ratio) or not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"`keep_ratio` must be a number in (0, 1], got {self.keep_ratio!r}.")
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"`keep_ratio` must be in (0, 1], got {self.keep_ratio}.")
-        if isinstance(self.importance_beta, bool) or not 0.0 <= self.importance_beta < 1.0:
-            raise ValueError(f"`importance_beta` must be in [0, 1), got {self.importance_beta!r}.")
+        if not _is_number(self.importance_beta) or not 0.0 <= self.importance_beta < 1.0:
+            raise ValueError(f"`importance_beta` must be a number in [0, 1), got {self.importance_beta!r}.")
         if (
             isinstance(self.prune_interval, bool)
             or not isinstance(self.prune_interval, int)
@@ -135,12 +159,10 @@ class RoseLoraConfig(LoraConfig):
         ):
             raise ValueError(f"`prune_interval` must be an integer >= 1, got {self.prune_interval!r}.")
         if self.clamp_value is not None and not (
-            isinstance(self.clamp_value, (int, float))
-            and not isinstance(self.clamp_value, bool)
-            and self.clamp_value > 0
+            _is_number(self.clamp_value) and math.isfinite(self.clamp_value) and self.clamp_value > 0
         ):
             raise ValueError(f"`clamp_value` must be None (off) or a number > 0, got {self.clamp_value!r}.")
-        if self.prune_mode not in PRUNE_MODES:
+        if not isinstance(self.prune_mode, str) or self.prune_mode not in PRUNE_MODES:
             raise ValueError(f"`prune_mode` must be one of {list(PRUNE_MODES)}, got {self.prune_mode!r}.")
         if self.total_step is not None and (
             isinstance(self.total_step, bool) or not isinstance(self.total_step, int) or self.total_step < 1
@@ -154,7 +176,7 @@ class RoseLoraConfig(LoraConfig):
                 raise ValueError(
                     f"`{name}` must be an int step count >= 0 or a float fraction in [0, 1], got {value!r}."
                 )
-            if isinstance(value, float) and not 0.0 <= value <= 1.0:
+            if isinstance(value, float) and not 0.0 <= value <= 1.0:  # NaN fails too
                 raise ValueError(
                     f"`{name}` given as a float is a fraction of total_step and must be in [0, 1], got {value}."
                 )
@@ -194,3 +216,8 @@ class RoseLoraConfig(LoraConfig):
                 f"{end}, total_step={total}."
             )
         return start, end, total
+
+
+def _is_number(value) -> bool:
+    """An int or float (not a bool, not a string): the type of every numeric config field."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

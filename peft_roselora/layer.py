@@ -6,9 +6,9 @@ variant for RoseLoRA adapters. ``RoseLoraLayer`` adds the per-adapter state:
 
 - ``lora_mask_A[adapter]``: bool, shape ``(r, in_features)``; ``lora_mask_B[adapter]``: bool, ``(out_features, r)``.
   Persistent buffers: saved in ``adapter_model.safetensors`` next to the factors.
-- ``rose_importance_A[adapter]`` / ``rose_importance_B[adapter]``: fp32 importance EMAs of the same shapes, created
-  at the first importance update, kept out of the adapter file (they belong in training checkpoints) and never cast
-  to the model's dtype.
+
+Layers hold factors and masks only; the schedule state (step, importance EMAs, counters) lives in one
+``peft_roselora.schedule.AdapterSchedule`` per adapter, owned by ``RoseLoraModel``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class RoseLoraVariant(LoraVariant):
     def init(module: RoseLoraLayer, adapter_name: str, **kwargs: Any) -> None:
         """Create the dense masks of ``adapter_name`` on the base layer's device."""
         config = kwargs["config"]
-        module.init_rose_state(adapter_name, prune_mode=config.prune_mode)
+        module.init_rose_state(adapter_name)
 
     @staticmethod
     def merge_safe(module: RoseLoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ class RoseLoraVariant(LoraVariant):
     def forward(
         module: RoseLoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        if module.training and active_adapter not in module.rose_importance_A and torch.is_grad_enabled():
+        if module.training and active_adapter not in module.rose_masked_versions and torch.is_grad_enabled():
             module.count_unscheduled_forward()
         module.ensure_masked(active_adapter)
         weight_a = module.lora_A[active_adapter].weight
@@ -95,10 +95,7 @@ class RoseLoraLayer(LoraLayer):
     other_param_names = LoraLayer.other_param_names + (
         "lora_mask_A",
         "lora_mask_B",
-        "rose_importance_A",
-        "rose_importance_B",
-        "rose_prune_mode",
-        "rose_dense",
+        "rose_masks_keep_all",
         "rose_masked_versions",
     )
 
@@ -113,17 +110,14 @@ class RoseLoraLayer(LoraLayer):
         """
         return merged.to(base_dtype)
 
-    def init_rose_state(self, adapter_name: str, prune_mode: str) -> None:
-        """Create (or reset to dense) the masks of ``adapter_name`` and drop its importance statistics."""
+    def init_rose_state(self, adapter_name: str) -> None:
+        """Create (or reset to all-True) the masks of ``adapter_name``."""
         if not hasattr(self, "lora_mask_A"):
             self.lora_mask_A = BufferDict(persistent=True)
             self.lora_mask_B = BufferDict(persistent=True)
-            self.rose_importance_A: dict[str, torch.Tensor] = {}
-            self.rose_importance_B: dict[str, torch.Tensor] = {}
-            self.rose_prune_mode: dict[str, str] = {}
             # per adapter: whether the masks keep every entry (masking is then an exact no-op), and the in-place
             # version counters of the factors when they were last zeroed outside the masks
-            self.rose_dense: dict[str, bool] = {}
+            self.rose_masks_keep_all: dict[str, bool] = {}
             self.rose_masked_versions: dict[str, tuple[int, int]] = {}
             self.register_load_state_dict_post_hook(_after_load_state_dict)
         base_weight = self.get_base_layer().weight
@@ -134,10 +128,7 @@ class RoseLoraLayer(LoraLayer):
         self.lora_mask_B[adapter_name] = torch.ones(
             self.lora_B[adapter_name].weight.shape, dtype=torch.bool, device=device
         )
-        self.rose_importance_A.pop(adapter_name, None)
-        self.rose_importance_B.pop(adapter_name, None)
-        self.rose_prune_mode[adapter_name] = prune_mode
-        self.rose_dense[adapter_name] = True
+        self.rose_masks_keep_all[adapter_name] = True
         self.rose_masked_versions.pop(adapter_name, None)
 
     @torch.no_grad()
@@ -148,7 +139,7 @@ class RoseLoraLayer(LoraLayer):
         mask_a, mask_b = self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]
         self.rose_masked_versions.pop(adapter_name, None)
         if mask_a.device.type != "meta":
-            self.rose_dense[adapter_name] = bool(mask_a.all()) and bool(mask_b.all())
+            self.rose_masks_keep_all[adapter_name] = bool(mask_a.all()) and bool(mask_b.all())
 
     def _factor_versions(self, adapter_name: str) -> tuple[int, int]:
         return self.lora_A[adapter_name].weight._version, self.lora_B[adapter_name].weight._version
@@ -158,9 +149,9 @@ class RoseLoraLayer(LoraLayer):
         unless they were modified in place since they were last masked, as by an optimizer step not followed by
         ``prune_step()``. Fused optimizers bypass the version counters this relies on; the schedule's
         ``prune_step()`` after every optimizer step keeps the factors masked regardless."""
-        if self.rose_dense[adapter_name] or self.rose_masked_versions.get(adapter_name) == self._factor_versions(
+        if self.rose_masks_keep_all[adapter_name] or self.rose_masked_versions.get(
             adapter_name
-        ):
+        ) == self._factor_versions(adapter_name):
             return
         self.apply_masks(adapter_name)
 
@@ -224,32 +215,12 @@ class RoseLoraLayer(LoraLayer):
             weights.append(weight)
         return weights[0], weights[1]
 
-    def pruning_scores(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row-major scores for the top-k: the importance of ``lora_A`` ``(r, in)`` and the transposed importance of
-        ``lora_B`` ``(r, out)`` (its columns as rows). With ``prune_mode="persistent"`` pruned entries score -1, so
-        they are never selected again.
-
-        Raises:
-            RuntimeError: if no importance has been accumulated yet.
-        """
-        if adapter_name not in self.rose_importance_A:
-            raise RuntimeError(
-                f"RoseLoRA cannot prune adapter '{adapter_name}': no importance was accumulated. Call "
-                "update_importance() after backward before the first prune."
-            )
-        scores_a = self.rose_importance_A[adapter_name]
-        scores_b = self.rose_importance_B[adapter_name].T
-        if self.rose_prune_mode[adapter_name] == "persistent":
-            scores_a = scores_a.masked_fill(~self.lora_mask_A[adapter_name], -1.0)
-            scores_b = scores_b.masked_fill(~self.lora_mask_B[adapter_name].T, -1.0)
-        return scores_a, scores_b
-
     @torch.no_grad()
     def set_masks(self, adapter_name: str, mask_a: torch.Tensor, mask_b_rows: torch.Tensor) -> None:
         """Store new masks: ``mask_a`` ``(r, in)`` and ``mask_b_rows`` ``(r, out)`` (the columns of ``lora_B``)."""
         self.lora_mask_A[adapter_name].copy_(mask_a)
         self.lora_mask_B[adapter_name].copy_(mask_b_rows.T)
-        self.rose_dense[adapter_name] = False
+        self.rose_masks_keep_all[adapter_name] = False
 
     def factors_and_masks(self, adapter_name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``([lora_A weight, lora_B weight], [mask_A, mask_B])`` of ``adapter_name``."""
@@ -259,7 +230,8 @@ class RoseLoraLayer(LoraLayer):
         )
 
     def apply_masks(self, adapter_name: str, clamp_value: Optional[float] = None) -> None:
-        """Zero the pruned entries of both factors in place, then clamp them to ``[-clamp_value, clamp_value]``."""
+        """Zero the pruned entries of both factors in place (exactly, also NaN or inf), then clamp them to
+        ``[-clamp_value, clamp_value]``."""
         sparsity.apply_masks_(*self.factors_and_masks(adapter_name), clamp_value)
         self.mark_masked(adapter_name)
 

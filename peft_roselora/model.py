@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from . import sparsity
 from .config import RoseLoraConfig
 from .layer import Linear, RoseLoraLayer
+from .schedule import AdapterSchedule, ScheduleStateError, replay_last_keep_ratio
 
 
 SUPPORTED_TARGETS = "torch.nn.Linear, transformers Conv1D, bitsandbytes Linear8bitLt and Linear4bit"
@@ -111,10 +112,10 @@ class RoseLoraModel(LoraModel):
                 "combination_type='cat', which keeps them exactly."
             )
         for name in adapters:  # PEFT's cat reads the raw factors
-            for layer in self._rose_layers(name):
+            for _, layer in self._rose_layers(name):
                 layer.apply_masks(name)
         super().add_weighted_adapter(adapters, weights, adapter_name, combination_type="cat", **kwargs)
-        for layer in self._rose_layers(adapter_name):
+        for _, layer in self._rose_layers(adapter_name):
             sources = [name for name in adapters if name in layer.lora_A]
             stacked_a = torch.cat([layer.lora_mask_A[name] for name in sources], dim=0)
             stacked_b = torch.cat([layer.lora_mask_B[name] for name in sources], dim=1)
@@ -129,25 +130,38 @@ class RoseLoraModel(LoraModel):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # per adapter: optimizer steps taken by the schedule (t), and whether update_importance() ran since the last
-        # prune_step()
-        self._rose_steps: dict[str, int] = {}
-        self._rose_importance_pending: dict[str, bool] = {}
-        self._rose_last_keep_ratio: dict[str, float] = {}
+        # one schedule state owner per RoseLoRA adapter (created on first use)
+        self._rose_schedules: dict[str, AdapterSchedule] = {}
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._invalidate_layer_cache()
-        self._rose_last_keep_ratio.pop(adapter_name, None)
-        self._rose_steps.pop(adapter_name, None)
-        self._rose_importance_pending.pop(adapter_name, None)
+        self._rose_schedules.pop(adapter_name, None)
 
-    def _rose_layers(self, adapter_name: str) -> list[RoseLoraLayer]:
-        """The RoseLoRA layers holding ``adapter_name`` (cached: the hot path must not walk the model each step)."""
+    def adapter_schedule(self, adapter_name: str = "default") -> AdapterSchedule:
+        """The :class:`~peft_roselora.schedule.AdapterSchedule` of ``adapter_name`` (its step, counters, EMAs).
+
+        Raises:
+            ValueError: if ``adapter_name`` is not a RoseLoRA adapter of this model.
+        """
+        self._schedule_adapters(adapter_name)
+        schedule = self._rose_schedules.get(adapter_name)
+        if schedule is None:
+            schedule = self._rose_schedules[adapter_name] = AdapterSchedule(self.peft_config[adapter_name])
+        schedule.config = self.peft_config[adapter_name]  # the live config (set_total_step, reloaded configs)
+        return schedule
+
+    def _rose_layers(self, adapter_name: str) -> list[tuple[str, RoseLoraLayer]]:
+        """``(module name, layer)`` of the RoseLoRA layers holding ``adapter_name`` (cached: the hot path must not
+        walk the model each step)."""
         cache = self.__dict__.setdefault("_rose_layer_cache", {})
         layers = cache.get(adapter_name)
-        if layers is None or (layers and adapter_name not in layers[0].lora_A):
-            layers = [m for m in self.model.modules() if isinstance(m, RoseLoraLayer) and adapter_name in m.lora_A]
+        if layers is None or (layers and adapter_name not in layers[0][1].lora_A):
+            layers = [
+                (name, module)
+                for name, module in self.model.named_modules()
+                if isinstance(module, RoseLoraLayer) and adapter_name in module.lora_A
+            ]
             cache[adapter_name] = layers
         return layers
 
@@ -174,9 +188,14 @@ class RoseLoraModel(LoraModel):
                 raise ValueError(f"Adapter '{name}' is not a RoseLoRA adapter.")
         return list(adapter_names)
 
+    def steps_taken(self, adapter_name: str = "default") -> int:
+        """Number of optimizer steps the schedule of ``adapter_name`` has applied (``t``)."""
+        return self.adapter_schedule(adapter_name).step
+
     def schedule_step(self, adapter_name: str = "default") -> int:
-        """Number of optimizer steps the schedule of ``adapter_name`` has taken (``t``)."""
-        return self._rose_steps.get(adapter_name, 0)
+        """Deprecated alias of :meth:`steps_taken` (removed in 0.3)."""
+        warnings.warn("schedule_step() is deprecated; use steps_taken().", FutureWarning, stacklevel=2)
+        return self.steps_taken(adapter_name)
 
     def current_keep_ratio(self, adapter_name: str = "default") -> float:
         """The keep ratio ``tau(t)`` of ``adapter_name`` at its current step.
@@ -184,9 +203,7 @@ class RoseLoraModel(LoraModel):
         Raises:
             ValueError: if the adapter's ``total_step`` is not set.
         """
-        config = self.peft_config[adapter_name]
-        start, end, _ = config.resolve_schedule()
-        return sparsity.keep_ratio_at(self.schedule_step(adapter_name), config.keep_ratio, start, end)
+        return self.adapter_schedule(adapter_name).keep_ratio_at()
 
     def set_total_step(self, total_step: int, adapter_name: Optional[str] = None) -> None:
         """Set ``total_step`` (T) of the given (default: active) adapters, resolving fractional schedule steps.
@@ -208,45 +225,44 @@ class RoseLoraModel(LoraModel):
         """Update the importance EMA ``I_bar`` of every factor from the current weights and gradients.
 
         Call it after ``loss.backward()`` and before ``optimizer.step()`` (the authors' order), once per optimizer
-        step. Acts on the active adapters unless ``adapter_names`` is given.
+        step. Acts on the active adapters unless ``adapter_names`` is given. In persistent mode the gradients of
+        pruned entries are set to exactly zero first (also when they are NaN or inf). A step whose gradients hold
+        NaN or inf leaves the EMAs unchanged and is counted (``nonfinite_steps`` in the sparsity report).
 
         Raises:
-            RuntimeError: if a factor of an adapter has no gradient.
+            RuntimeError: if a factor of an adapter has no gradient, or the schedule is driven twice per step (the
+                importance of this step was already taken, or no backward pass ran since the previous step).
         """
         for name in self._schedule_adapters(adapter_names):
+            schedule = self.adapter_schedule(name)
             layers = self._rose_layers(name)
             if not layers:
                 raise RuntimeError(f"Adapter '{name}' has no RoseLoRA layers in this model.")
-            weights = [weight for layer in layers for weight in layer.factors_with_grads(name)]
-            config = self.peft_config[name]
-            if config.prune_mode == "persistent" and any(not layer.rose_dense[name] for layer in layers):
-                # pruned entries get no gradient: the optimizer sees grad * mask
-                masks = [mask for layer in layers for mask in layer.factors_and_masks(name)[1]]
+            weights = [weight for _, layer in layers for weight in layer.factors_with_grads(name)]
+            schedule.check_new_gradients(weights[0].grad)
+            if schedule.persistent and any(not layer.rose_masks_keep_all[name] for _, layer in layers):
+                # pruned entries get no gradient: the optimizer sees grad * mask, exactly zero where pruned
+                masks = [mask for _, layer in layers for mask in layer.factors_and_masks(name)[1]]
                 sparsity.apply_masks_([w.grad for w in weights], masks)
-            if config.prune_mode == "persistent" and self._rose_last_keep_ratio.get(name) == config.keep_ratio:
-                # final masks in persistent mode never change again: the importance is no longer used
-                self._rose_importance_pending[name] = True
+            if not schedule.importance_needed():
+                schedule.mark_importance_not_needed()
                 continue
-            previous = []
-            for layer in layers:
-                for store in (layer.rose_importance_A, layer.rose_importance_B):
-                    ema = store.get(name)
-                    device = layer.lora_A[name].weight.device
-                    previous.append(ema.to(device) if ema is not None and ema.device != device else ema)
-            updated = sparsity.update_importance_emas(
-                previous, weights, [w.grad for w in weights], config.importance_beta
-            )
-            for index, layer in enumerate(layers):
-                layer.rose_importance_A[name] = updated[2 * index]
-                layer.rose_importance_B[name] = updated[2 * index + 1]
-            self._rose_importance_pending[name] = True
+            finite = schedule.record_importance([module for module, _ in layers], weights, [w.grad for w in weights])
+            if not finite:
+                warnings.warn(
+                    f"RoseLoRA adapter '{name}': non-finite gradients at step {schedule.step + 1}; the importance EMA "
+                    "keeps its previous value (counted as nonfinite_steps in the sparsity report and Trainer logs).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def prune_step(self, adapter_names: Optional[Union[str, list[str]]] = None) -> dict[str, float]:
         """Advance the schedule by one optimizer step and prune: call after ``optimizer.step()``.
 
         For each adapter: ``t += 1``; if ``tau(t) < 1`` (and ``t`` is on the ``prune_interval`` grid or equals
         ``t_f``) recompute the masks, top ``ceil(tau(t) * in)`` per row of ``lora_A`` and ``ceil(tau(t) * out)`` per
-        column of ``lora_B`` by importance; zero the pruned entries; once ``t > t_i`` clamp to ``clamp_value`` if set.
+        column of ``lora_B`` by importance; zero the pruned entries (exactly, also if they are NaN or inf); once
+        ``t > t_i`` clamp to ``clamp_value`` if set.
 
         Returns:
             dict[str, float]: the keep ratio ``tau(t)`` per adapter.
@@ -257,48 +273,48 @@ class RoseLoraModel(LoraModel):
         """
         ratios = {}
         for name in self._schedule_adapters(adapter_names):
-            config = self.peft_config[name]
-            start, end, _ = config.resolve_schedule()
-            if not self._rose_importance_pending.get(name, False):
-                raise RuntimeError(
-                    f"RoseLoRA prune_step() for adapter '{name}' without a preceding update_importance(): call "
-                    "update_importance() after loss.backward() and before optimizer.step() in every optimizer step "
-                    "(or use peft_roselora.register_optimizer_hooks / RoseLoraCallback, which do it for you)."
-                )
-            step = self._rose_steps.get(name, 0) + 1
-            self._rose_steps[name] = step
-            self._rose_importance_pending[name] = False
-            keep_ratio = sparsity.keep_ratio_at(step, config.keep_ratio, start, end)
-            recompute = keep_ratio < 1.0 and ((step - start) % config.prune_interval == 0 or step == end)
-            if config.prune_mode == "persistent" and self._rose_last_keep_ratio.get(name) == keep_ratio:
-                recompute = False  # top-k among the kept entries with an unchanged count selects them all again
-            clamp_value = config.clamp_value if step > start else None
+            schedule = self.adapter_schedule(name)
+            plan = schedule.advance()
             layers = self._rose_layers(name)
-            if recompute:
-                self._recompute_masks(name, layers, keep_ratio)
-                self._rose_last_keep_ratio[name] = keep_ratio
+            if plan.recompute_masks:
+                self._recompute_masks(name, schedule, layers, plan.keep_ratio)
             weights, masks = [], []
-            for layer in layers:
+            for _, layer in layers:
                 layer_weights, layer_masks = layer.factors_and_masks(name)
                 weights += layer_weights
                 masks += layer_masks
-            sparsity.apply_masks_(weights, masks, clamp_value)
-            for layer in layers:
+            if sparsity.apply_masks_(weights, masks, plan.clamp_value):
+                warnings.warn(
+                    f"RoseLoRA adapter '{name}': kept factor entries are NaN or inf after optimizer step {plan.step} "
+                    "(pruned entries were zeroed); training has diverged.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            for _, layer in layers:
                 layer.mark_masked(name)
-            ratios[name] = keep_ratio
+            ratios[name] = plan.keep_ratio
         return ratios
 
+    def skip_step(self, adapter_names: Optional[Union[str, list[str]]] = None) -> None:
+        """The optimizer did not apply this step (a GradScaler overflow): drop its importance, run no prune, keep
+        ``t``, and count it (``skipped_steps``). ``RoseLoraCallback`` calls it; with optimizer hooks a skipped step
+        runs neither hook, so nothing is needed."""
+        for name in self._schedule_adapters(adapter_names):
+            self.adapter_schedule(name).skip()
+
     @staticmethod
-    def _recompute_masks(name: str, layers: list[RoseLoraLayer], keep_ratio: float) -> None:
+    def _recompute_masks(
+        name: str, schedule: AdapterSchedule, layers: list[tuple[str, RoseLoraLayer]], keep_ratio: float
+    ) -> None:
         """New masks for every layer: per row of ``lora_A`` and per column of ``lora_B`` the top
         ``ceil(keep_ratio * n)`` entries by importance, same-shaped factors sharing one ``topk`` call."""
         scores, keeps = [], []
-        for layer in layers:
-            for score in layer.pruning_scores(name):
+        for module_name, layer in layers:
+            for score in schedule.selection_scores(module_name, layer.lora_mask_A[name], layer.lora_mask_B[name]):
                 scores.append(score)
                 keeps.append(sparsity.kept_count(keep_ratio, score.shape[1]))
         masks = sparsity.row_topk_masks(scores, keeps)
-        for index, layer in enumerate(layers):
+        for index, (_, layer) in enumerate(layers):
             layer.set_masks(name, masks[2 * index], masks[2 * index + 1])
 
     def update_and_allocate(self, global_step: int) -> dict[str, float]:
@@ -308,54 +324,114 @@ class RoseLoraModel(LoraModel):
         (``global_step`` is the 0-based index of the optimizer step just taken). Unlike the authors' order, the
         importance is computed from the weights *after* the optimizer step; use ``update_importance()`` before
         ``optimizer.step()`` and ``prune_step()`` after it (or ``register_optimizer_hooks``) for the exact method.
+
+        Raises:
+            ValueError: if ``global_step`` is negative, not an int, or smaller than a previous call's.
         """
+        for name in self._schedule_adapters(None):
+            schedule = self.adapter_schedule(name)
+            if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+                raise ValueError(f"`global_step` must be an integer >= 0, got {global_step!r}.")
+            if global_step < schedule.step:
+                raise ValueError(
+                    f"`global_step` must increase from call to call: got {global_step} after the schedule of adapter "
+                    f"'{name}' reached step {schedule.step}."
+                )
         self.update_importance()
         for name in self._schedule_adapters(None):
-            self._rose_steps[name] = global_step
+            self.adapter_schedule(name).set_step(global_step)
         return self.prune_step()
 
     # ---- training checkpoints ----------------------------------------------------------------------------------
 
-    def roselora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The schedule state that is not in the adapter file: per adapter the step ``t`` and the fp32 importance
-        EMAs of every factor. Save it with training checkpoints (``RoseLoraCallback`` does) so that a resumed run
-        ends exactly where an uninterrupted one would; masks and weights travel in the adapter / model state.
+    def schedule_state_dict(self) -> dict:
+        """The schedule state of every RoseLoRA adapter (not in the adapter file): ``{"adapters": {name:
+        AdapterSchedule.state_dict()}}``. ``register_optimizer_hooks`` and ``RoseLoraCallback`` make it travel
+        inside ``optimizer.state_dict()``, so whatever checkpoints the optimizer resumes RoseLoRA exactly."""
+        return {
+            "adapters": {
+                name: self.adapter_schedule(name).state_dict()
+                for name, config in self.peft_config.items()
+                if isinstance(config, RoseLoraConfig)
+            }
+        }
 
-        Returns:
-            dict[str, Tensor]: keys ``"<adapter>::step"`` (int64 scalar), ``"<adapter>::pending"`` (bool scalar) and
-            ``"<adapter>::<module>::importance_A"`` / ``"...::importance_B"`` (fp32, CPU).
+    def load_schedule_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`schedule_state_dict` returned.
+
+        Raises:
+            ScheduleStateError: for an adapter this model does not have, or anything
+                ``AdapterSchedule.load_state_dict`` refuses (names the key, the module and the values).
         """
+        if not isinstance(state, dict) or set(state) != {"adapters"} or not isinstance(state["adapters"], dict):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ScheduleStateError(f"RoseLoRA schedule state must be {{'adapters': {{...}}}}, got keys {keys}.")
+        for name, adapter_state in state["adapters"].items():
+            if not isinstance(self.peft_config.get(name), RoseLoraConfig):
+                raise ScheduleStateError(
+                    f"RoseLoRA schedule state names adapter '{name}', which is not a RoseLoRA adapter of this model "
+                    f"(adapters: {sorted(self.peft_config)})."
+                )
+            layers = self._rose_layers(name)
+            shapes = {m: (layer.lora_A[name].weight.shape, layer.lora_B[name].weight.shape) for m, layer in layers}
+            devices = {m: layer.lora_A[name].weight.device for m, layer in layers}
+            self.adapter_schedule(name).load_state_dict(adapter_state, shapes, devices)
+
+    def roselora_state_dict(self) -> dict[str, torch.Tensor]:
+        """Deprecated (0.1.0 format, removed in 0.3): flat tensors ``"<adapter>::step"``, ``"<adapter>::pending"``,
+        ``"<adapter>::<module>::importance_A|B"``. Use :meth:`schedule_state_dict`, or let the optimizer's state dict
+        carry it (``register_optimizer_hooks``)."""
+        warnings.warn(
+            "roselora_state_dict() is deprecated; the schedule state now travels in optimizer.state_dict() "
+            "(register_optimizer_hooks / RoseLoraCallback), or use schedule_state_dict().",
+            FutureWarning,
+            stacklevel=2,
+        )
         state = {}
-        for name in self.peft_config:
-            state[f"{name}::step"] = torch.tensor(self._rose_steps.get(name, 0), dtype=torch.int64)
-            state[f"{name}::pending"] = torch.tensor(self._rose_importance_pending.get(name, False))
-            for module_name, module in self.model.named_modules():
-                if isinstance(module, RoseLoraLayer) and name in module.rose_importance_A:
-                    state[f"{name}::{module_name}::importance_A"] = module.rose_importance_A[name].detach().cpu()
-                    state[f"{name}::{module_name}::importance_B"] = module.rose_importance_B[name].detach().cpu()
+        for name, adapter_state in self.schedule_state_dict()["adapters"].items():
+            state[f"{name}::step"] = torch.tensor(adapter_state["step"], dtype=torch.int64)
+            state[f"{name}::pending"] = torch.tensor(adapter_state["importance_pending"])
+            for factor in ("importance_A", "importance_B"):
+                for module_name, value in adapter_state[factor].items():
+                    state[f"{name}::{module_name}::{factor}"] = value
         return state
 
     def load_roselora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`roselora_state_dict` returned.
+        """Load a 0.1.0 schedule state (``roselora_state.safetensors``: step, pending flag, EMAs), converting it.
+
+        The 0.1.0 format did not record the keep ratio of the last mask selection, the fault counters or the
+        configuration; the keep ratio is re-derived by replaying the schedule's decisions up to the saved step
+        (exact), the counters start at 0, and the configuration is taken to be this adapter's.
 
         Raises:
-            ValueError: if ``state`` names an adapter or module this model does not have.
+            ScheduleStateError: a key that is not ``<adapter>::step``, ``::pending`` or
+                ``::<module>::importance_A|B``, an unknown adapter or module, or an EMA of the wrong shape.
         """
-        modules = {name: m for name, m in self.model.named_modules() if isinstance(m, RoseLoraLayer)}
+        converted: dict[str, dict] = {}
         for key, value in state.items():
             parts = key.split("::")
-            if parts[0] not in self.peft_config:
-                raise ValueError(f"RoseLoRA state names adapter '{parts[0]}', which this model does not have.")
-            if parts[1] == "step":
-                self._rose_steps[parts[0]] = int(value)
-            elif parts[1] == "pending":
-                self._rose_importance_pending[parts[0]] = bool(value)
+            if parts[0] not in self.peft_config or not isinstance(self.peft_config[parts[0]], RoseLoraConfig):
+                raise ScheduleStateError(
+                    f"RoseLoRA state key '{key}' names adapter '{parts[0]}', which is not a RoseLoRA adapter of this "
+                    "model."
+                )
+            schedule = self.adapter_schedule(parts[0])
+            entry = converted.setdefault(parts[0], {**schedule.state_dict(), "importance_A": {}, "importance_B": {}})
+            entry.update(skipped_steps=0, nonfinite_steps=0, pending_nonfinite=False)
+            if parts[1:] == ["step"]:
+                entry["step"] = int(value)
+            elif parts[1:] == ["pending"]:
+                entry["importance_pending"] = bool(value)
+            elif len(parts) == 3 and parts[2] in ("importance_A", "importance_B"):
+                entry[parts[2]][parts[1]] = value
             else:
-                module = modules.get(parts[1])
-                if module is None or parts[0] not in module.lora_A:
-                    raise ValueError(f"RoseLoRA state names module '{parts[1]}', which has no adapter '{parts[0]}'.")
-                store = module.rose_importance_A if parts[2] == "importance_A" else module.rose_importance_B
-                store[parts[0]] = value.to(device=module.lora_A[parts[0]].weight.device, dtype=torch.float32)
+                raise ScheduleStateError(
+                    f"RoseLoRA state key '{key}' is not '<adapter>::step', '<adapter>::pending' or "
+                    "'<adapter>::<module>::importance_A|B'."
+                )
+        for name, entry in converted.items():
+            entry["last_keep_ratio"] = replay_last_keep_ratio(self.peft_config[name], entry["step"])
+        self.load_schedule_state_dict({"adapters": converted})
 
     # ---- reporting ---------------------------------------------------------------------------------------------
 
@@ -365,7 +441,7 @@ class RoseLoraModel(LoraModel):
         deltas are formed; use :meth:`sparsity_report` for those)."""
         adapter_name = adapter_name or self.active_adapters[0]
         nonzeros = numel = 0
-        for layer in self._rose_layers(adapter_name):
+        for _, layer in self._rose_layers(adapter_name):
             weight_a, weight_b = layer.masked_factors(adapter_name)
             nonzeros += int(torch.count_nonzero(weight_a)) + int(torch.count_nonzero(weight_b))
             numel += weight_a.numel() + weight_b.numel()
@@ -395,10 +471,13 @@ class RoseLoraModel(LoraModel):
                         keep_ratio if keep_ratio is not None else config.keep_ratio,
                     )
                 )
+        schedule = self.adapter_schedule(adapter_name)
         return sparsity.SparsityReport(
             adapter_name=adapter_name,
             target_keep_ratio=config.keep_ratio,
             scheduled_keep_ratio=keep_ratio,
-            step=self.schedule_step(adapter_name),
+            step=schedule.step,
             modules=rows,
+            skipped_steps=schedule.skipped_steps,
+            nonfinite_steps=schedule.nonfinite_steps,
         )

@@ -59,7 +59,7 @@ def resolve_step(value: StepSpec, total_step: int, *, round_up: bool) -> int:
 
 
 def keep_ratio_at(step: int, final_keep_ratio: float, prune_start_step: int, prune_end_step: int) -> float:
-    """Cubic keep-ratio schedule of the method (spec section 4).
+    """Cubic keep-ratio schedule of the method (``docs/method.md``, "Schedule").
 
     ``tau(t) = 1`` for ``t <= t_i``; ``tau + (1 - tau) * (1 - (t - t_i) / (t_f - t_i)) ** 3`` for ``t_i < t < t_f``;
     ``tau`` for ``t >= t_f``.
@@ -89,10 +89,12 @@ def kept_count(keep_ratio: float, size: int) -> int:
 @torch.no_grad()
 def update_importance_emas(
     importances: list[torch.Tensor | None], weights: list[torch.Tensor], grads: list[torch.Tensor], beta: float
-) -> list[torch.Tensor]:
-    """Smoothed sensitivity ``I_bar <- beta * I_bar + (1 - beta) * |w * g|`` for many factors at once (spec section 3).
+) -> list[torch.Tensor] | None:
+    """Smoothed sensitivity ``I_bar <- beta * I_bar + (1 - beta) * |w * g|`` for many factors at once
+    (``docs/method.md``, "Importance"), unless some ``|w * g|`` is not finite.
 
-    Uses ``torch._foreach_*`` kernels per device, so the cost is a handful of calls whatever the number of factors.
+    Uses ``torch._foreach_*`` kernels per device, so the cost is a handful of calls whatever the number of factors,
+    plus one finiteness check (one device synchronisation).
 
     Args:
         importances (list[Tensor | None]): fp32 EMAs, updated in place; ``None`` for a factor's first update, which
@@ -102,12 +104,19 @@ def update_importance_emas(
         beta (float): the EMA coefficient in ``[0, 1)``.
 
     Returns:
-        list[Tensor]: the updated fp32 EMAs (the given tensors where they existed), in input order.
+        list[Tensor] | None: the updated fp32 EMAs (the given tensors where they existed), in input order; ``None``
+        when a gradient or weight holds NaN or inf, in which case no EMA was touched.
     """
-    result: list[torch.Tensor | None] = list(importances)
-    for indices in _group_by_device(weights).values():
+    groups = list(_group_by_device(weights).values())
+    sensitivities = []
+    for indices in groups:
         sensitivity = torch._foreach_mul([weights[i].float() for i in indices], [grads[i].float() for i in indices])
         torch._foreach_abs_(sensitivity)
+        sensitivities.append(sensitivity)
+    if not all_finite([tensor for group in sensitivities for tensor in group]):
+        return None
+    result: list[torch.Tensor | None] = list(importances)
+    for indices, sensitivity in zip(groups, sensitivities):
         existing = [j for j, i in enumerate(indices) if importances[i] is not None]
         if existing:
             previous = [importances[indices[j]] for j in existing]
@@ -117,6 +126,15 @@ def update_importance_emas(
             if importances[i] is None:
                 result[i] = sensitivity[j]
     return result
+
+
+@torch.no_grad()
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one ``foreach`` max-norm per device, one synchronisation)."""
+    if not tensors:
+        return True
+    norms = [norm.to(tensors[0].device) for norm in torch._foreach_norm(tensors, float("inf"))]
+    return bool(torch.stack(norms).isfinite().all())
 
 
 @torch.no_grad()
@@ -151,15 +169,20 @@ def row_topk_masks(scores: list[torch.Tensor], keeps: list[int]) -> list[torch.T
 
 
 @torch.no_grad()
-def apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor], clamp_value: float | None = None) -> None:
+def apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor], clamp_value: float | None = None) -> int:
     """Zero, in place, every entry of ``weights`` whose mask is False, then clamp to ``[-clamp_value, clamp_value]``.
 
-    One ``torch._foreach_*`` call per device for all factors (finite weights become exactly zero: ``w * False``).
+    Pruned entries become exactly zero even when they held NaN or inf (one ``foreach`` multiply per device, and, only
+    when some entry is not finite afterwards, a ``masked_fill_`` of the affected tensors). Used for factors and, in
+    persistent mode, for their gradients.
 
     Args:
-        weights (list[Tensor]): factors, modified in place.
+        weights (list[Tensor]): tensors modified in place.
         masks (list[Tensor]): bool masks of the same shapes.
         clamp_value (float | None): clamp bound, or None for no clamp.
+
+    Returns:
+        int: the number of tensors that still hold a non-finite value in a kept entry (0 when all is well).
     """
     for indices in _group_by_device(weights).values():
         group = [weights[i] for i in indices]
@@ -167,6 +190,13 @@ def apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor], clamp_v
         if clamp_value is not None:
             torch._foreach_clamp_min_(group, -clamp_value)
             torch._foreach_clamp_max_(group, clamp_value)
+    if all_finite(weights):
+        return 0
+    nonfinite_kept = 0
+    for weight, mask in zip(weights, masks):  # rare fault path: per tensor, never per row or entry
+        weight.masked_fill_(~mask, 0.0)
+        nonfinite_kept += int(not bool(weight.isfinite().all()))
+    return nonfinite_kept
 
 
 def _group_by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[int]]:
@@ -270,7 +300,9 @@ class SparsityReport:
     """Sparsity of one adapter: per module (``modules``) and in total.
 
     ``scheduled_keep_ratio`` is ``tau(t)`` at the adapter's current step (None if ``total_step`` is unset; the
-    bounds then use ``target_keep_ratio``).
+    bounds then use ``target_keep_ratio``). ``skipped_steps`` counts optimizer steps the GradScaler skipped (no
+    importance, no prune, ``t`` unchanged); ``nonfinite_steps`` counts steps whose gradients held NaN/inf (the
+    importance EMA kept its value).
     """
 
     adapter_name: str
@@ -278,6 +310,8 @@ class SparsityReport:
     scheduled_keep_ratio: float | None
     step: int
     modules: list[ModuleSparsity] = field(default_factory=list)
+    skipped_steps: int = 0
+    nonfinite_steps: int = 0
 
     @property
     def factor_nonzeros(self) -> int:
@@ -319,6 +353,8 @@ class SparsityReport:
         return {
             "adapter_name": self.adapter_name,
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_steps": self.nonfinite_steps,
             "target_keep_ratio": self.target_keep_ratio,
             "scheduled_keep_ratio": self.scheduled_keep_ratio,
             "keep_ratio_reached": self.keep_ratio_reached,
@@ -350,6 +386,7 @@ class SparsityReport:
             f"({self.factor_nonzeros / max(1, self.factor_numel):.4f}), keep ratio reached "
             f"{self.keep_ratio_reached:.4f}, merged-delta non-zeros {self.delta_nonzeros}/{self.delta_numel} "
             f"(density {self.delta_density:.5f}, r*tau^2 bound {self.nominal_bound:.5f}, "
-            f"within bounds: {self.within_bounds})"
+            f"within bounds: {self.within_bounds}); steps skipped by the GradScaler {self.skipped_steps}, "
+            f"with non-finite gradients {self.nonfinite_steps}"
         )
         return "\n".join(lines)

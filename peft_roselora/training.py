@@ -1,13 +1,18 @@
-"""Driving the RoseLoRA schedule from any training loop."""
+"""Driving the RoseLoRA schedule from any training loop, and checkpointing it inside the optimizer's state dict."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from peft import PeftModel
 
 from .model import RoseLoraModel
+
+
+# the key under which the schedule state travels in ``optimizer.state_dict()["param_groups"][0]``
+OPTIMIZER_STATE_KEY = "roselora_schedule"
 
 
 def get_roselora_model(model: torch.nn.Module) -> RoseLoraModel:
@@ -25,24 +30,111 @@ def get_roselora_model(model: torch.nn.Module) -> RoseLoraModel:
     return tuner
 
 
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or ``optimizer`` itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+# ---- the schedule state inside the optimizer's state dict ---------------------------------------------------------
+#
+# torch.optim.Optimizer.state_dict() keeps every key of a parameter group and load_state_dict() restores the saved
+# groups, extra keys included, without casting them (only per-parameter state is cast to the parameters' dtype). So
+# a state_dict post-hook that adds the schedule state to the first saved group makes every tool that checkpoints the
+# optimizer (Trainer, TRL, accelerate save_state/load_state, torch.save(optimizer.state_dict())) carry it, and it is
+# back in optimizer.param_groups[0] after any load_state_dict(), even one that ran before our hooks existed (the
+# Trainer loads the optimizer before any callback event). restore_schedule_from_optimizer() takes it from there.
+
+
+def _add_schedule_state(tuner: RoseLoraModel):
+    def hook(_optimizer, state_dict: dict) -> dict:
+        if state_dict.get("param_groups"):
+            state_dict["param_groups"][0][OPTIMIZER_STATE_KEY] = tuner.schedule_state_dict()
+        return state_dict
+
+    return hook
+
+
+def restore_schedule_from_optimizer(tuner: RoseLoraModel, optimizer) -> bool:
+    """Move a schedule state found in ``optimizer.param_groups[0]`` (put there by ``load_state_dict``) into
+    ``tuner``.
+
+    Returns:
+        bool: whether a state was found and restored.
+
+    Raises:
+        ScheduleStateError: if the state does not fit the model (see ``RoseLoraModel.load_schedule_state_dict``).
+    """
+    groups = unwrap_optimizer(optimizer).param_groups
+    state = groups[0].pop(OPTIMIZER_STATE_KEY, None) if groups else None
+    if state is None:
+        return False
+    tuner.load_schedule_state_dict(state)
+    return True
+
+
+@dataclass
+class ScheduleStateHooksHandle:
+    """Handle of the optimizer state-dict hooks that carry the schedule state; ``remove()`` detaches them."""
+
+    handles: list = field(default_factory=list)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def attach_schedule_state(model: torch.nn.Module, optimizer) -> ScheduleStateHooksHandle:
+    """Make ``optimizer.state_dict()`` carry the RoseLoRA schedule state of ``model`` and ``optimizer.load_state_dict``
+    restore it (``register_optimizer_hooks`` and ``RoseLoraCallback`` call this; idempotent per optimizer)."""
+    tuner = get_roselora_model(model)
+    inner = unwrap_optimizer(optimizer)
+    existing = getattr(inner, "_roselora_state_hooks", None)
+    if existing is not None and existing[0] is tuner and existing[1].handles:
+        return existing[1]
+
+    def after_load(loaded_optimizer) -> None:
+        restore_schedule_from_optimizer(tuner, loaded_optimizer)
+
+    handle = ScheduleStateHooksHandle(
+        [
+            inner.register_state_dict_post_hook(_add_schedule_state(tuner)),
+            inner.register_load_state_dict_post_hook(after_load),
+        ]
+    )
+    inner._roselora_state_hooks = (tuner, handle)
+    return handle
+
+
+# ---- optimizer step hooks -----------------------------------------------------------------------------------------
+
+
 @dataclass
 class OptimizerHooksHandle:
-    """Handle returned by :func:`register_optimizer_hooks`; ``remove()`` detaches both hooks."""
+    """Handle returned by :func:`register_optimizer_hooks`; ``remove()`` detaches every hook."""
 
     pre_hook: torch.utils.hooks.RemovableHandle
     post_hook: torch.utils.hooks.RemovableHandle
+    state_hooks: ScheduleStateHooksHandle
+    optimizer: Optional[torch.optim.Optimizer] = None
 
     def remove(self) -> None:
         self.pre_hook.remove()
         self.post_hook.remove()
+        self.state_hooks.remove()
+        if self.optimizer is not None:
+            self.optimizer.__dict__.pop("_roselora_step_hooks", None)
 
 
 def register_optimizer_hooks(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> OptimizerHooksHandle:
-    """Make every ``optimizer.step()`` run the RoseLoRA step in the authors' order.
+    """Make every ``optimizer.step()`` run the RoseLoRA step in the authors' order, and make the optimizer's state
+    dict carry the schedule state.
 
     Before the step: ``update_importance()`` (weights and gradients as the optimizer sees them). After it:
     ``prune_step()``. Works with gradient accumulation (hooks fire once per optimizer step) and with ``accelerate``
-    (pass the prepared optimizer). A step that ``GradScaler`` skips runs neither hook.
+    (pass the prepared optimizer). A step that ``GradScaler`` skips runs neither hook. ``optimizer.state_dict()``
+    then holds the schedule state (step, importance EMAs, counters) and ``optimizer.load_state_dict()`` restores it,
+    so checkpointing the optimizer (``torch.save``, accelerate ``save_state``) is enough to resume exactly.
 
     Args:
         model (nn.Module): a ``PeftModel`` with RoseLoRA adapters (or its ``RoseLoraModel``).
@@ -50,9 +142,35 @@ def register_optimizer_hooks(model: torch.nn.Module, optimizer: torch.optim.Opti
 
     Returns:
         OptimizerHooksHandle: call ``.remove()`` to detach.
+
+    Hooks on two optimizers that both step in one iteration would advance the schedule twice: the second
+    ``update_importance()`` on the same gradients raises (see ``RoseLoraModel.update_importance``). Hooks on a new
+    optimizer for a later training phase are fine.
+
+    Raises:
+        RuntimeError: if hooks are already registered on this optimizer, or the optimizer does not update the
+            RoseLoRA factors of the active adapters.
     """
     tuner = get_roselora_model(model)
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+    inner = unwrap_optimizer(optimizer)
+    if getattr(inner, "_roselora_step_hooks", None) is not None:
+        raise RuntimeError(
+            "RoseLoRA optimizer hooks are already registered on this optimizer: a second registration would advance "
+            "the schedule twice per step. Keep the first one (or call .remove() on its handle before registering "
+            "again)."
+        )
+    optimized = {id(p) for group in inner.param_groups for p in group["params"]}
+    factors = [
+        weight
+        for name in tuner._schedule_adapters(None)
+        for _, layer in tuner._rose_layers(name)
+        for weight in (layer.lora_A[name].weight, layer.lora_B[name].weight)
+    ]
+    if factors and not any(id(weight) in optimized for weight in factors):
+        raise RuntimeError(
+            "register_optimizer_hooks: the optimizer does not update the RoseLoRA factors of the active adapters; "
+            "register the hooks on the optimizer that steps lora_A / lora_B."
+        )
 
     def before_step(_optimizer, _args, _kwargs):
         tuner.update_importance()
@@ -60,7 +178,11 @@ def register_optimizer_hooks(model: torch.nn.Module, optimizer: torch.optim.Opti
     def after_step(_optimizer, _args, _kwargs):
         tuner.prune_step()
 
-    return OptimizerHooksHandle(
-        pre_hook=optimizer.register_step_pre_hook(before_step),
-        post_hook=optimizer.register_step_post_hook(after_step),
+    handle = OptimizerHooksHandle(
+        pre_hook=inner.register_step_pre_hook(before_step),
+        post_hook=inner.register_step_post_hook(after_step),
+        state_hooks=attach_schedule_state(model, inner),
+        optimizer=inner,
     )
+    inner._roselora_step_hooks = handle
+    return handle

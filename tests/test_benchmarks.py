@@ -58,9 +58,9 @@ def test_editing_benchmark_quick(tmp_path):
 
 
 def test_editing_benchmark_loads_the_hub_zsre_file_through_datasets(monkeypatch):
-    import datasets
-
     import importlib.util
+
+    import datasets
 
     spec = importlib.util.spec_from_file_location("editing_benchmark_run", BENCHMARKS / "editing" / "run.py")
     editing_run = importlib.util.module_from_spec(spec)
@@ -75,7 +75,9 @@ def test_editing_benchmark_loads_the_hub_zsre_file_through_datasets(monkeypatch)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     loaded = editing_run.load_records(None, limit=5)
-    assert calls == [("json", "hf://datasets/wangzn2001/Model_Editing_Hurt/training-data/zsre_mend_eval.json", "train")]
+    assert calls == [
+        ("json", "hf://datasets/wangzn2001/Model_Editing_Hurt/training-data/zsre_mend_eval.json", "train")
+    ]
     assert [r.prompt for r in loaded.requests] == [r["src"] for r in records[:5]]
 
     def offline(*args, **kwargs):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import bitsandbytes as bnb  # part of the dev extra: a missing install fails, never skips
 import pytest
 import torch
 from conftest import make_tiny_llama, random_batch, trained_roselora
 from peft import PeftModel
-
-
-import bitsandbytes as bnb  # part of the dev extra: a missing install fails, never skips
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 import peft_roselora  # noqa: E402

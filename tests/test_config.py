@@ -13,23 +13,36 @@ def test_defaults_and_peft_type():
     assert config.peft_type == PeftType.ROSELORA
     assert (config.keep_ratio, config.prune_start_step, config.prune_end_step) == (0.1, 0.1, 0.8)
     assert config.importance_beta == 0.8 and config.prune_interval == 1 and config.clamp_value is None
-    assert config.prune_mode == "authors" and config.total_step is None
+    assert config.prune_mode == "reselect" and config.total_step is None
     assert isinstance(config, LoraConfig)
 
 
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"keep_ratio": 0.0}, r"`keep_ratio` must be in \(0, 1\], got 0.0"),
-        ({"keep_ratio": 1.5}, r"`keep_ratio` must be in \(0, 1\], got 1.5"),
+        ({"keep_ratio": 0.0}, r"`keep_ratio` must be a number in \(0, 1\], got 0.0"),
+        ({"keep_ratio": 1.5}, r"`keep_ratio` must be a number in \(0, 1\], got 1.5"),
         ({"keep_ratio": "0.1"}, r"`keep_ratio` must be a number in \(0, 1\], got '0.1'"),
-        ({"importance_beta": 1.0}, r"`importance_beta` must be in \[0, 1\), got 1.0"),
-        ({"importance_beta": -0.1}, r"`importance_beta` must be in \[0, 1\), got -0.1"),
+        ({"keep_ratio": float("nan")}, r"`keep_ratio` must be a number in \(0, 1\], got nan"),
+        ({"importance_beta": 1.0}, r"`importance_beta` must be a number in \[0, 1\), got 1.0"),
+        ({"importance_beta": -0.1}, r"`importance_beta` must be a number in \[0, 1\), got -0.1"),
+        ({"importance_beta": "0.8"}, r"`importance_beta` must be a number in \[0, 1\), got '0.8'"),
+        ({"importance_beta": None}, r"`importance_beta` must be a number in \[0, 1\), got None"),
+        ({"clamp_value": "3e-3"}, r"`clamp_value` must be None \(off\) or a number > 0, got '3e-3'"),
+        ({"clamp_value": float("inf")}, r"`clamp_value` must be None \(off\) or a number > 0, got inf"),
+        ({"prune_mode": 1}, r"`prune_mode` must be one of \['reselect', 'persistent'\], got 1"),
+        ({"total_step": "25"}, r"`total_step` must be None \(set later by a trainer\) or an integer >= 1, got '25'"),
+        ({"prune_interval": True}, r"`prune_interval` must be an integer >= 1, got True"),
+        ({"r": "8"}, r"`r` must be an integer >= 1, got '8'"),
+        ({"r": 0}, r"`r` must be an integer >= 1, got 0"),
+        ({"lora_alpha": "16"}, r"`lora_alpha` must be a finite number > 0, got '16'"),
+        ({"lora_dropout": 1.0}, r"`lora_dropout` must be a number in \[0, 1\), got 1.0"),
+        ({"use_rslora": "yes"}, r"`use_rslora` must be True or False, got 'yes'"),
         ({"prune_interval": 0}, r"`prune_interval` must be an integer >= 1, got 0"),
         ({"prune_interval": 2.5}, r"`prune_interval` must be an integer >= 1, got 2.5"),
         ({"clamp_value": 0.0}, r"`clamp_value` must be None \(off\) or a number > 0, got 0.0"),
         ({"clamp_value": -1}, r"`clamp_value` must be None \(off\) or a number > 0, got -1"),
-        ({"prune_mode": "magnitude"}, r"`prune_mode` must be one of \['authors', 'persistent'\], got 'magnitude'"),
+        ({"prune_mode": "magnitude"}, r"`prune_mode` must be one of \['reselect', 'persistent'\], got 'magnitude'"),
         ({"total_step": 0}, r"`total_step` must be None \(set later by a trainer\) or an integer >= 1, got 0"),
         ({"prune_start_step": -1}, r"`prune_start_step` given as an int is a step count and must be >= 0, got -1"),
         (
@@ -102,3 +115,32 @@ def test_config_round_trip(tmp_path):
     assert loaded.peft_type == PeftType.ROSELORA
     assert (loaded.keep_ratio, loaded.prune_start_step, loaded.prune_end_step, loaded.total_step) == (0.05, 3, 20, 25)
     assert (loaded.clamp_value, loaded.prune_mode) == (3e-3, "persistent")
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("importance_beta", "0.8", r"`importance_beta` must be a number in \[0, 1\), got '0.8'"),
+        ("keep_ratio", [0.1], r"`keep_ratio` must be a number in \(0, 1\], got \[0.1\]"),
+        ("prune_interval", 1.0, r"`prune_interval` must be an integer >= 1, got 1.0"),
+        ("r", 8.5, r"`r` must be an integer >= 1, got 8.5"),
+    ],
+)
+def test_bad_types_in_adapter_config_json_raise_named_errors(tmp_path, field, value, message):
+    import json
+
+    from peft import PeftConfig
+
+    RoseLoraConfig(r=4, target_modules=["q_proj"]).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data[field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        PeftConfig.from_pretrained(str(tmp_path))
+
+
+def test_deprecated_prune_mode_authors_means_reselect():
+    with pytest.warns(FutureWarning, match="prune_mode='authors' is deprecated; use 'reselect'"):
+        config = RoseLoraConfig(prune_mode="authors")
+    assert config.prune_mode == "reselect"

@@ -218,7 +218,7 @@ def test_multiple_adapters_set_delete_and_mixed_batch():
     model.delete_adapter("second")
     assert list(model.peft_config) == ["first"]
     for layer in (m for m in model.modules() if isinstance(m, RoseLoraLayer)):
-        assert "second" not in layer.lora_mask_A and "second" not in layer.rose_importance_A
+        assert "second" not in layer.lora_mask_A and "second" not in model.base_model._rose_schedules
     model.set_adapter("first")
     assert torch.allclose(_logits(model, ids), first_logits, atol=1e-6)
 
@@ -232,7 +232,7 @@ def test_schedule_runs_per_adapter():
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     peft_roselora.register_optimizer_hooks(model, optimizer)
     train_steps(model, optimizer, 4)
-    assert model.schedule_step("first") == 8 and model.schedule_step("second") == 4
+    assert model.steps_taken("first") == 8 and model.steps_taken("second") == 4
 
 
 def test_add_weighted_adapter_cat_keeps_masks_and_others_are_refused():

@@ -61,7 +61,7 @@ def test_trainer_reaches_target_sparsity_once_per_optimizer_step(tmp_path, accum
     )
     trainer.train()
     assert callback.optimizer_steps == 20
-    assert model.schedule_step() == 20
+    assert model.steps_taken() == 20
     assert model.peft_config["default"].total_step == 20  # taken from max_steps
     assert model.peft_config["default"].resolve_schedule() == (2, 16, 20)  # 10 % and 80 % defaults
     report = model.sparsity_report()
@@ -73,7 +73,8 @@ def test_trainer_reaches_target_sparsity_once_per_optimizer_step(tmp_path, accum
     assert logged[-1]["roselora_factor_density"] == pytest.approx(0.25)
 
 
-def test_metrics_reach_reporting_integrations_before_user_callbacks(tmp_path):
+@pytest.mark.parametrize("attached", [False, True])
+def test_metrics_in_log_history_and_for_reporters_once_attached(tmp_path, attached):
     seen = []
 
     class Reporter(RoseLoraCallback.__mro__[1]):  # a plain TrainerCallback placed *before* ours
@@ -84,10 +85,20 @@ def test_metrics_reach_reporting_integrations_before_user_callbacks(tmp_path):
         model=_model(),
         args=_args(tmp_path, max_steps=10),
         train_dataset=_dataset(),
-        callbacks=[Reporter(), RoseLoraCallback()],
+        callbacks=[Reporter()] + ([] if attached else [RoseLoraCallback()]),
     )
+    if attached:
+        RoseLoraCallback.attach(trainer)
+        assert isinstance(trainer.callback_handler.callbacks[0], RoseLoraCallback)
     trainer.train()
-    assert any("roselora_keep_ratio" in logs for logs in seen)
+    # t_i = 1, t_f = 8 of T = 10: keep ratio at step 5 is 0.25 + 0.75 * (1 - 4/7)^3; at step 10 it is 0.25
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["roselora_keep_ratio"] for entry in history] == pytest.approx([0.25 + 0.75 * (3 / 7) ** 3, 0.25])
+    assert [entry["roselora_skipped_steps"] for entry in history] == [0, 0]
+    assert [entry["roselora_nonfinite_steps"] for entry in history] == [0, 0]
+    reported = [logs for logs in seen if "loss" in logs]
+    assert len(reported) == 2
+    assert all(("roselora_keep_ratio" in logs) == attached for logs in reported)
 
 
 def test_resume_mid_decay_ends_where_an_uninterrupted_run_does(tmp_path):
@@ -111,7 +122,7 @@ def test_resume_mid_decay_ends_where_an_uninterrupted_run_does(tmp_path):
 
     trainer.add_callback(StopAt9())
     trainer.train()
-    assert interrupted.schedule_step() == 9
+    assert interrupted.steps_taken() == 9
     assert 0.25 < interrupted.current_keep_ratio() < 1.0
 
     # a new process would build a fresh model and Trainer and resume from the checkpoint
@@ -119,7 +130,7 @@ def test_resume_mid_decay_ends_where_an_uninterrupted_run_does(tmp_path):
     resumed = _model()
     trainer = Trainer(model=resumed, args=args, train_dataset=_dataset(), callbacks=[RoseLoraCallback()])
     trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-9"))
-    assert resumed.schedule_step() == 20
+    assert resumed.steps_taken() == 20
     actual = _masks_and_weights(resumed)
     assert actual.keys() == expected.keys()
     for key in expected:
@@ -130,13 +141,13 @@ def test_resume_mid_decay_ends_where_an_uninterrupted_run_does(tmp_path):
 
 
 def test_resume_without_roselora_state_is_an_error(tmp_path):
+    # a checkpoint written without RoseLoraCallback: its optimizer state holds no schedule state
     args = _args(tmp_path, save_strategy="steps", save_steps=5, max_steps=5)
-    Trainer(model=_model(), args=args, train_dataset=_dataset(), callbacks=[RoseLoraCallback()]).train()
-    (tmp_path / "checkpoint-5" / "roselora_state.safetensors").unlink()
+    Trainer(model=_model(), args=args, train_dataset=_dataset()).train()
     trainer = Trainer(
         model=_model(), args=_args(tmp_path, max_steps=10), train_dataset=_dataset(), callbacks=[RoseLoraCallback()]
     )
-    with pytest.raises(RuntimeError, match="no roselora_state.safetensors was found"):
+    with pytest.raises(RuntimeError, match="the optimizer state holds no RoseLoRA schedule state and no 0.1.0"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
 
 

@@ -34,7 +34,7 @@ def _rose_layers(model):
     return [m for m in model.modules() if isinstance(m, RoseLoraLayer)]
 
 
-@pytest.mark.parametrize("prune_mode", ["authors", "persistent"])
+@pytest.mark.parametrize("prune_mode", ["reselect", "persistent"])
 def test_kept_counts_after_every_prune(prune_mode):
     model = _roselora(make_tiny_llama(), prune_mode=prune_mode)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -61,7 +61,7 @@ def test_kept_counts_after_every_prune(prune_mode):
             # pruned entries are exactly zero in the weights after every prune
             assert not weight_a[~layer.lora_mask_A["default"]].any()
             assert not weight_b[~layer.lora_mask_B["default"]].any()
-    assert model.schedule_step() == 25
+    assert model.steps_taken() == 25
     assert model.current_keep_ratio() == 0.05
     report = model.sparsity_report()
     assert report.keep_ratio_reached == pytest.approx(math.ceil(0.05 * 64) / 64)
@@ -156,7 +156,7 @@ def test_update_and_allocate_is_importance_then_prune():
         ratios = model.update_and_allocate(global_step)
         optimizer.zero_grad()
     assert ratios == {"default": 0.05}
-    assert model.schedule_step() == 25
+    assert model.steps_taken() == 25
     assert model.sparsity_report().within_bounds
 
 
@@ -165,10 +165,10 @@ def test_optimizer_hooks_can_be_removed():
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     handle = peft_roselora.register_optimizer_hooks(model, optimizer)
     train_steps(model, optimizer, 2)
-    assert model.schedule_step() == 2
+    assert model.steps_taken() == 2
     handle.remove()
     train_steps(model, optimizer, 2)
-    assert model.schedule_step() == 2
+    assert model.steps_taken() == 2
 
 
 def test_persistent_mode_never_revives_a_pruned_entry():

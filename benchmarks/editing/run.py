@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from peft_roselora.editing import METHODS, EditHyperParams, Editor, load_edit_requests
-from peft_roselora.editing.data import LoadedRequests, parse_edit_records
 from peft_roselora.editing.cli import summarize
+from peft_roselora.editing.data import LoadedRequests, parse_edit_records
 from peft_roselora.editing.metrics import accuracy, encode_prompt_target
 
 

@@ -631,7 +631,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--shard {args.shard}: expected i/n with 0 <= i < n")
     # the cache folder is keyed by the shared settings; cell keys add the task's training set and epochs
     fingerprint = hashlib.sha256(
-        repr((budget.shared_fingerprint(), args.model, str(args.data.resolve()) if args.data else HUB_DATASET)).encode()
+        repr(
+            (budget.shared_fingerprint(), args.model, str(args.data.resolve()) if args.data else HUB_DATASET)
+        ).encode()
     ).hexdigest()[:10]
     args.cache_dir = args.cache_dir or HERE / ".cache" / f"{preset}-{fingerprint}"
     output = args.output or REPO / "benchmarks" / "results" / f"glue_{preset}"

@@ -227,8 +227,8 @@ def _rebind_lora_config(*modules) -> None:
 def _install_random_masks() -> None:
     original = RoseLoraLayer.init_rose_state
 
-    def init_rose_state(self, adapter_name, prune_mode):
-        original(self, adapter_name, prune_mode)
+    def init_rose_state(self, adapter_name):
+        original(self, adapter_name)
         with torch.no_grad():
             for factor, masks, dim in (("lora_A", self.lora_mask_A, 1), ("lora_B", self.lora_mask_B, 0)):
                 weight = getattr(self, factor)[adapter_name].weight

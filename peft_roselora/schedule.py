@@ -1,0 +1,385 @@
+"""The schedule state of one RoseLoRA adapter (``AdapterSchedule``) and the pure decisions of each training step.
+
+``AdapterSchedule`` is the one owner of everything the schedule remembers between optimizer steps: the step ``t``,
+whether the importance of the current step has been taken, the keep ratio of the last mask selection, the fp32
+importance EMAs of every factor, and the fault counters (steps the GradScaler skipped, steps whose gradients were
+not finite). It has ``state_dict()`` / ``load_state_dict()``; ``RoseLoraModel`` holds one per adapter and calls it,
+the layers hold factors and masks only. The decisions (when to re-select masks, when to clamp, when the importance is
+still needed, how pruned entries score in persistent mode) are small pure functions, unit-tested alone
+(``tests/test_schedule.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import sparsity
+
+
+STATE_FORMAT_VERSION = 2
+# the configuration fields a checkpoint's schedule was computed with; resuming with different values is refused
+SCHEDULE_FIELDS = ("keep_ratio", "prune_start_step", "prune_end_step", "total_step", "prune_interval", "prune_mode")
+# score given to pruned entries in persistent mode: importances are >= 0, so they are never selected again
+PRUNED_SCORE = -1.0
+
+
+class ScheduleStateError(ValueError):
+    """A schedule state that cannot be restored into this model (wrong key, shape, version or configuration)."""
+
+
+# ---- pure decisions -------------------------------------------------------------------------------------------------
+
+
+def should_recompute_masks(
+    step: int,
+    keep_ratio: float,
+    prune_start_step: int,
+    prune_end_step: int,
+    prune_interval: int,
+    persistent: bool,
+    last_keep_ratio: Optional[float],
+) -> bool:
+    """Whether the prune at step ``t = step`` selects new masks.
+
+    Masks are re-selected when ``tau(t) < 1`` and ``t`` is on the ``prune_interval`` grid counted from ``t_i``, and
+    always at ``t_f`` (so the final keep ratio is reached even when ``t_f`` is off the grid). In persistent mode a
+    selection at an unchanged keep ratio is skipped: the top-k among the kept entries with the same count selects
+    them all again.
+    """
+    if keep_ratio >= 1.0:
+        return False
+    if (step - prune_start_step) % prune_interval != 0 and step != prune_end_step:
+        return False
+    return not (persistent and last_keep_ratio == keep_ratio)
+
+
+def clamp_bound(step: int, prune_start_step: int, clamp_value: Optional[float]) -> Optional[float]:
+    """The clamp bound at step ``t``: ``clamp_value`` once pruning has started (``t > t_i``), else ``None``."""
+    return clamp_value if clamp_value is not None and step > prune_start_step else None
+
+
+def importance_still_used(persistent: bool, last_keep_ratio: Optional[float], final_keep_ratio: float) -> bool:
+    """False once persistent-mode masks are final: they never change again, so the importance is not needed."""
+    return not (persistent and last_keep_ratio == final_keep_ratio)
+
+
+def selection_scores(importance: torch.Tensor, mask: torch.Tensor, persistent: bool) -> torch.Tensor:
+    """Scores the top-k selects from: the importance, with pruned entries at -1 in persistent mode.
+
+    Args:
+        importance (Tensor): fp32 EMA, any shape.
+        mask (Tensor): bool mask of the same shape (True = kept).
+        persistent (bool): whether pruned entries must stay pruned.
+
+    Returns:
+        Tensor: ``importance`` (the same tensor) or a copy with ``-1`` where ``mask`` is False.
+    """
+    return importance.masked_fill(~mask, PRUNED_SCORE) if persistent else importance
+
+
+def replay_last_keep_ratio(config, step: int) -> Optional[float]:
+    """The keep ratio of the last mask selection at or before ``step``, found by replaying the decisions of
+    :func:`should_recompute_masks` from step 1 (used to convert 0.1.0 checkpoints, which did not record it).
+
+    Raises:
+        ValueError: if the configuration's ``total_step`` is not set.
+    """
+    start, end, _ = config.resolve_schedule()
+    persistent = config.prune_mode == "persistent"
+    last = None
+    for past in range(1, step + 1):
+        ratio = sparsity.keep_ratio_at(past, config.keep_ratio, start, end)
+        if should_recompute_masks(past, ratio, start, end, config.prune_interval, persistent, last):
+            last = ratio
+    return last
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the prune after optimizer step ``step`` does."""
+
+    step: int
+    keep_ratio: float
+    recompute_masks: bool
+    clamp_value: Optional[float]
+    importance_was_finite: bool
+
+
+# ---- the state owner ------------------------------------------------------------------------------------------------
+
+
+class AdapterSchedule:
+    """Schedule state of one adapter, and the transitions of a training step.
+
+    One optimizer step is ``record_importance`` (before ``optimizer.step()``), then ``advance`` (after it), or
+    ``skip`` when the optimizer did not apply the step (GradScaler overflow). The configuration (keep ratio, schedule
+    steps, mode) is read from the adapter's ``RoseLoraConfig`` each time, so ``set_total_step`` takes effect at once.
+
+    Attributes:
+        step (int): optimizer steps applied so far (``t``).
+        importance_pending (bool): the importance of the current step was recorded and the prune has not run yet.
+        last_keep_ratio (float | None): the keep ratio of the last mask selection.
+        skipped_steps (int): optimizer steps skipped (GradScaler overflow): neither importance nor prune ran.
+        nonfinite_steps (int): steps whose gradients held NaN/inf: the importance EMA kept its previous value.
+        importance_A / importance_B (dict[str, Tensor]): fp32 EMAs per module name, shapes ``(r, in)``, ``(out, r)``.
+    """
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.step = 0
+        self.importance_pending = False
+        self.pending_nonfinite = False
+        self.last_keep_ratio: Optional[float] = None
+        self.skipped_steps = 0
+        self.nonfinite_steps = 0
+        self.importance_A: dict[str, torch.Tensor] = {}
+        self.importance_B: dict[str, torch.Tensor] = {}
+        # transient guard, not state: the gradient tensor (and its version) the last importance update read
+        self._last_gradient: Optional[tuple[torch.Tensor, int]] = None
+
+    # -- the configuration, resolved --
+
+    @property
+    def persistent(self) -> bool:
+        return self.config.prune_mode == "persistent"
+
+    def keep_ratio_at(self, step: Optional[int] = None) -> float:
+        """``tau(step)`` (default: the current step).
+
+        Raises:
+            ValueError: if the configuration's ``total_step`` is not set.
+        """
+        start, end, _ = self.config.resolve_schedule()
+        return sparsity.keep_ratio_at(self.step if step is None else step, self.config.keep_ratio, start, end)
+
+    def importance_needed(self) -> bool:
+        return importance_still_used(self.persistent, self.last_keep_ratio, self.config.keep_ratio)
+
+    # -- transitions --
+
+    def check_new_gradients(self, gradient: torch.Tensor) -> None:
+        """Refuse a second schedule step on the gradients of the same backward pass (two optimizers with hooks that
+        both step in one iteration): ``gradient`` is one factor's ``.grad``; a new backward creates a new tensor
+        (``zero_grad(set_to_none=True)``) or bumps its version counter (accumulation into zeroed gradients).
+
+        Raises:
+            RuntimeError: if ``gradient`` is the tensor of the previous update, unchanged.
+        """
+        if self._last_gradient is not None:
+            previous, version = self._last_gradient
+            if previous is gradient and gradient._version == version:
+                raise RuntimeError(
+                    "RoseLoRA schedule driven twice on the same gradients (no backward pass since the previous "
+                    "optimizer step): optimizer hooks on two optimizers that both step each iteration advance the "
+                    "schedule twice. Register the hooks on one optimizer only (the one that steps lora_A / lora_B)."
+                )
+        self._last_gradient = (gradient, gradient._version)
+
+    def record_importance(
+        self, module_names: list[str], weights: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> bool:
+        """Fold ``|w * g|`` of this step into the EMAs, unless a gradient or weight is not finite.
+
+        Args:
+            module_names (list[str]): one name per module; ``weights`` / ``grads`` hold ``[A, B]`` per module, in order.
+            weights (list[Tensor]): the factors (``2 * len(module_names)`` of them).
+            grads (list[Tensor]): their gradients.
+
+        Returns:
+            bool: whether the values were finite and the EMAs were updated (a non-finite step leaves every EMA as it
+            was and is counted in ``nonfinite_steps`` when the prune runs).
+
+        Raises:
+            RuntimeError: if the importance of this step was already recorded (two optimizers with hooks, or two
+                calls without a prune in between).
+        """
+        self._check_not_pending("update_importance()")
+        previous = []
+        for name in module_names:
+            previous += [self.importance_A.get(name), self.importance_B.get(name)]
+        updated = sparsity.update_importance_emas(previous, weights, grads, self.config.importance_beta)
+        finite = updated is not None
+        if finite:
+            for index, name in enumerate(module_names):
+                self.importance_A[name], self.importance_B[name] = updated[2 * index], updated[2 * index + 1]
+        self.importance_pending = True
+        self.pending_nonfinite = not finite
+        return finite
+
+    def mark_importance_not_needed(self) -> None:
+        """The step's importance is deliberately not computed (persistent masks are final)."""
+        self._check_not_pending("update_importance()")
+        self.importance_pending = True
+        self.pending_nonfinite = False
+
+    def advance(self) -> StepPlan:
+        """Count the applied optimizer step (``t += 1``) and decide what its prune does.
+
+        Raises:
+            RuntimeError: if no importance was recorded since the previous step.
+            ValueError: if ``total_step`` is not set.
+        """
+        if not self.importance_pending:
+            raise RuntimeError(
+                "RoseLoRA prune_step() without a preceding update_importance(): call update_importance() after "
+                "loss.backward() and before optimizer.step() in every optimizer step (or use "
+                "peft_roselora.register_optimizer_hooks / RoseLoraCallback, which do it for you)."
+            )
+        start, end, _ = self.config.resolve_schedule()
+        self.step += 1
+        keep_ratio = sparsity.keep_ratio_at(self.step, self.config.keep_ratio, start, end)
+        recompute = should_recompute_masks(
+            self.step, keep_ratio, start, end, self.config.prune_interval, self.persistent, self.last_keep_ratio
+        )
+        if recompute and not self.importance_A:
+            raise RuntimeError(
+                "RoseLoRA cannot select masks: no finite importance was accumulated yet (every step so far had "
+                "non-finite gradients)."
+            )
+        finite = not self.pending_nonfinite
+        if not finite:
+            self.nonfinite_steps += 1
+        if recompute:
+            self.last_keep_ratio = keep_ratio
+        self.importance_pending = self.pending_nonfinite = False
+        return StepPlan(
+            self.step, keep_ratio, recompute, clamp_bound(self.step, start, self.config.clamp_value), finite
+        )
+
+    def skip(self) -> None:
+        """The optimizer did not apply this step (GradScaler overflow): forget its importance, count it, keep ``t``."""
+        self.importance_pending = self.pending_nonfinite = False
+        self.skipped_steps += 1
+
+    def set_step(self, step: int) -> None:
+        """Jump to ``step`` (AdaLoRA-style ``update_and_allocate(global_step)``).
+
+        Raises:
+            ValueError: if ``step`` is not an int >= 0 or is below the current step.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"`global_step` must be an integer >= 0, got {step!r}.")
+        if step < self.step:
+            raise ValueError(
+                f"`global_step` must not decrease: got {step} after the schedule reached step {self.step} "
+                "(update_and_allocate takes the 0-based index of the optimizer step just taken)."
+            )
+        self.step = step
+
+    def selection_scores(self, module_name: str, mask_a: torch.Tensor, mask_b: torch.Tensor):
+        """Row-major scores of one module for the top-k: ``(r, in)`` for ``lora_A`` and ``(r, out)`` for the columns
+        of ``lora_B``."""
+        return (
+            selection_scores(self.importance_A[module_name], mask_a, self.persistent),
+            selection_scores(self.importance_B[module_name].T, mask_b.T, self.persistent),
+        )
+
+    def forget_modules(self, keep: set[str]) -> None:
+        for store in (self.importance_A, self.importance_B):
+            for name in set(store) - keep:
+                del store[name]
+
+    def _check_not_pending(self, call: str) -> None:
+        if self.importance_pending:
+            raise RuntimeError(
+                f"RoseLoRA {call} ran twice in one optimizer step (the importance of this step was already taken): "
+                "the schedule is driven twice, e.g. optimizer hooks on two optimizers, hooks plus RoseLoraCallback, "
+                "or update_importance() called twice before prune_step()."
+            )
+
+    # -- state --
+
+    def fingerprint(self) -> dict:
+        """The configuration values the state was computed with (for the resume check)."""
+        start, end, total = self.config.resolve_schedule() if self.config.total_step is not None else (None,) * 3
+        return {
+            "keep_ratio": float(self.config.keep_ratio),
+            "prune_start_step": start,
+            "prune_end_step": end,
+            "total_step": total,
+            "prune_interval": int(self.config.prune_interval),
+            "prune_mode": self.config.prune_mode,
+        }
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: counters, flags, the configuration fingerprint and the fp32 EMAs
+        (detached CPU copies). Values are tensors, ints, floats, bools, strings and None, so the dict can travel in
+        ``torch.save`` files loaded with ``weights_only=True``."""
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "step": self.step,
+            "importance_pending": self.importance_pending,
+            "pending_nonfinite": self.pending_nonfinite,
+            "last_keep_ratio": self.last_keep_ratio,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_steps": self.nonfinite_steps,
+            "config": self.fingerprint(),
+            "importance_A": {k: v.detach().cpu().clone() for k, v in self.importance_A.items()},
+            "importance_B": {k: v.detach().cpu().clone() for k, v in self.importance_B.items()},
+        }
+
+    def load_state_dict(self, state: dict, shapes: dict[str, tuple[tuple, tuple]], devices: dict[str, torch.device]):
+        """Restore what :meth:`state_dict` returned, checked against this adapter.
+
+        Args:
+            state (dict): the saved state.
+            shapes (dict): module name -> ``(shape of lora_A, shape of lora_B)`` of this model.
+            devices (dict): module name -> device of its factors.
+
+        Raises:
+            ScheduleStateError: a missing or unknown key, a wrong type, a module this adapter does not have, an EMA
+                whose shape differs from its factor, or a configuration fingerprint that differs from this adapter's
+                (the message names the key or field and both values).
+        """
+        expected = {
+            "format_version", "step", "importance_pending", "pending_nonfinite", "last_keep_ratio", "skipped_steps",
+            "nonfinite_steps", "config", "importance_A", "importance_B",
+        }  # fmt: skip
+        if not isinstance(state, dict) or set(state) != expected:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ScheduleStateError(f"RoseLoRA schedule state has keys {keys}, expected {sorted(expected)}.")
+        if state["format_version"] != STATE_FORMAT_VERSION:
+            raise ScheduleStateError(
+                f"RoseLoRA schedule state 'format_version' is {state['format_version']!r}, expected "
+                f"{STATE_FORMAT_VERSION}."
+            )
+        for key in ("step", "skipped_steps", "nonfinite_steps"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                raise ScheduleStateError(f"RoseLoRA schedule state '{key}' must be an int >= 0, got {state[key]!r}.")
+        ours = self.fingerprint()
+        for field_name in SCHEDULE_FIELDS:
+            if state["config"].get(field_name) != ours[field_name]:
+                raise ScheduleStateError(
+                    f"RoseLoRA checkpoint was written with {field_name}={state['config'].get(field_name)!r}, this "
+                    f"adapter has {field_name}={ours[field_name]!r}: resuming would continue a different schedule. "
+                    "Resume with the checkpoint's configuration, or start a new run."
+                )
+        emas = {}
+        for factor, position in (("importance_A", 0), ("importance_B", 1)):
+            if not isinstance(state[factor], dict):
+                raise ScheduleStateError(f"RoseLoRA schedule state '{factor}' must be a dict of tensors.")
+            emas[factor] = {}
+            for module_name, value in state[factor].items():
+                if module_name not in shapes:
+                    raise ScheduleStateError(
+                        f"RoseLoRA schedule state '{factor}' names module '{module_name}', which this adapter does "
+                        "not have."
+                    )
+                want = tuple(shapes[module_name][position])
+                if not isinstance(value, torch.Tensor) or tuple(value.shape) != want or not value.is_floating_point():
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ScheduleStateError(
+                        f"RoseLoRA schedule state '{factor}' of module '{module_name}' has shape {got}, expected a "
+                        f"float tensor of shape {want}."
+                    )
+                emas[factor][module_name] = value.to(device=devices[module_name], dtype=torch.float32).clone()
+        self.step = state["step"]
+        self.importance_pending = bool(state["importance_pending"])
+        self.pending_nonfinite = bool(state["pending_nonfinite"])
+        self.last_keep_ratio = state["last_keep_ratio"]
+        self.skipped_steps = state["skipped_steps"]
+        self.nonfinite_steps = state["nonfinite_steps"]
+        self.importance_A, self.importance_B = emas["importance_A"], emas["importance_B"]
