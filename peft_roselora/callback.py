@@ -104,7 +104,8 @@ class RoseLoraCallback(TrainerCallback):
                 if schedule.step + schedule.skipped_steps != state.global_step:
                     raise RuntimeError(
                         f"RoseLoRA schedule of adapter '{name}' resumes at step {schedule.step} with "
-                        f"{schedule.skipped_steps} skipped steps, but the Trainer resumes at step {state.global_step}: "
+                        f"{schedule.skipped_steps} skipped steps, but the Trainer resumes at step "
+                        f"{state.global_step}: "
                         "the checkpoint's optimizer state and trainer state do not belong together."
                     )
 

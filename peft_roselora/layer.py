@@ -59,7 +59,6 @@ class RoseLoraVariant(LoraVariant):
     @staticmethod
     def init(module: RoseLoraLayer, adapter_name: str, **kwargs: Any) -> None:
         """Create the dense masks of ``adapter_name`` on the base layer's device."""
-        config = kwargs["config"]
         module.init_rose_state(adapter_name)
 
     @staticmethod

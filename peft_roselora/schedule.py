@@ -184,7 +184,7 @@ class AdapterSchedule:
         """Fold ``|w * g|`` of this step into the EMAs, unless a gradient or weight is not finite.
 
         Args:
-            module_names (list[str]): one name per module; ``weights`` / ``grads`` hold ``[A, B]`` per module, in order.
+            module_names (list[str]): one name per module; ``weights`` / ``grads`` hold ``[A, B]`` per module.
             weights (list[Tensor]): the factors (``2 * len(module_names)`` of them).
             grads (list[Tensor]): their gradients.
 
