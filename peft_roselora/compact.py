@@ -121,7 +121,7 @@ def load_compact_state_dict(
         }
         plans = _check_headers(path, layout, headers, expected_shapes, max_dense_bytes)
         state = {}
-        for key, (dtype, shape) in headers.items():
+        for key in headers:
             if "::" not in key:
                 state[key] = handle.get_tensor(key)
         for key, (rows_shape, rows_are_columns) in plans.items():

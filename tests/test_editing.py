@@ -4,6 +4,7 @@ a real edit that flips a tiny model's prediction, baselines, bad records."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -273,3 +274,144 @@ def test_apply_keeps_the_edit_merged(tiny_lm):
     ids = torch.tensor([tokenizer("the capital of france is")["input_ids"]])
     with torch.no_grad():
         assert tokenizer.convert_ids_to_tokens(int(edited(input_ids=ids).logits[0, -1].argmax())) == "rome"
+
+
+# ---- the CLI loses nothing and names user errors -------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_setup(tiny_lm, tmp_path):
+    model, tokenizer = tiny_lm
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    records = [
+        {"prompt": "the capital of france is", "target_new": "rome"},
+        {"prompt": "who wrote hamlet", "target_new": "dickens"},
+        {"prompt": "the capital of france is", "target_new": "berlin"},
+    ]
+    (tmp_path / "edits.json").write_text(json.dumps(records))
+    base = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "edits.json"), "--steps", "2"]
+    return tmp_path, base
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise AssertionError(f"non-strict JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_cli_streams_records_so_a_crash_keeps_the_finished_ones(cli_setup, monkeypatch):
+    from peft_roselora.editing import cli
+
+    tmp_path, base = cli_setup
+    original, calls = cli.Editor.edit_single, []
+
+    def crash_on_third(self, request):
+        calls.append(request)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash at record 3")
+        return original(self, request)
+
+    monkeypatch.setattr(cli.Editor, "edit_single", crash_on_third)
+    out = tmp_path / "new" / "folder" / "results.json"  # created before the first edit
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli.main(base + ["--output", str(out)])
+    lines = [_strict_json(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [line["method"] for line in lines] == ["roselora", "roselora"]
+    assert [line["record_ids"] for line in lines] == [[0], [1]]
+    assert not out.exists()  # the summary is written at the end only
+
+
+def test_cli_marks_a_non_finite_loss_failed_and_exits_non_zero(cli_setup, monkeypatch, capsys):
+    from peft_roselora.editing import cli
+
+    tmp_path, base = cli_setup
+    original = cli.Editor.edit_single
+
+    def nan_on_second(self, request):
+        result = original(self, request)
+        if request.target_new == "dickens":
+            result.last_loss = math.nan
+        return result
+
+    monkeypatch.setattr(cli.Editor, "edit_single", nan_on_second)
+    out = tmp_path / "results.json"
+    assert cli.main(base + ["--output", str(out)]) == 1
+    report = _strict_json(out.read_text())
+    records = report["methods"]["roselora"]["records"]
+    assert [record.get("failed") for record in records] == [None, "non-finite last_loss", None]
+    assert records[1]["last_loss"] is None
+    assert report["methods"]["roselora"]["summary"]["failed"] == 1
+    assert report["methods"]["roselora"]["summary"]["edits"] == 2
+    assert "1 record(s) failed (non-finite loss)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "No such file or directory"),
+        (b"[{", "not valid JSON (Expecting property name enclosed in double quotes at line 1 column 3)"),
+        (b'[{"prompt": "caf\\xe9", "target_new": "x"}]'.replace(b"\\xe9", b"\xe9"), "not UTF-8 (byte 16: invalid continuation byte)"),
+        (b'\xef\xbb\xbf[{"prompt": "a", "target_new": "b"}]', "starts with a UTF-8 byte-order mark"),
+    ],
+)
+def test_cli_user_errors_are_one_line_and_exit_2(cli_setup, capsys, content, message):
+    from peft_roselora.editing import cli
+
+    tmp_path, base = cli_setup
+    data = tmp_path / "bad.json"
+    if content is not None:
+        data.write_bytes(content)
+    arguments = base[:2] + ["--data", str(data), "--output", str(tmp_path / "r.json")]
+    assert cli.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("roselora-edit: error: ") and message in error
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--lr", "nan", "--lr must be a finite number > 0, got 'nan'"),
+        ("--lr", "-1", "--lr must be a finite number > 0, got '-1'"),
+        ("--keep-ratio", "1.5", "--keep-ratio must be in (0, 1], got '1.5'"),
+        ("--steps", "0", "--steps must be an integer >= 1, got '0'"),
+    ],
+)
+def test_cli_bad_options_exit_2_naming_the_option(cli_setup, capsys, option, value, message):
+    from peft_roselora.editing import cli
+
+    _, base = cli_setup
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(base + [option, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_options_select_every_benchmark_hyperparameter():
+    from peft_roselora.editing import cli
+
+    arguments = ["--model", "m", "--data", "d", "--lr", "1e-3", "--steps", "10", "--r", "4", "--alpha", "16"]
+    arguments += ["--targets", "q_proj", "down_proj", "--keep-ratio", "0.1", "--no-clamp"]
+    hparams = cli.hyper_parameters(cli.build_parser().parse_args(arguments), "roselora")
+    assert hparams == EditHyperParams(
+        method="roselora", lr=1e-3, steps=10, prune_start_step=1, prune_end_step=8, r=4, lora_alpha=16,
+        target_modules=("q_proj", "down_proj"), keep_ratio=0.1, clamp_value=None,
+    )  # fmt: skip
+    clamped = cli.hyper_parameters(
+        cli.build_parser().parse_args(["--model", "m", "--data", "d", "--clamp", "1e-2"]), "roselora"
+    )
+    assert clamped.clamp_value == 1e-2 and clamped == EditHyperParams(clamp_value=1e-2)
+
+
+def test_counterfact_stray_braces_and_unanswered_neighbours_are_rejected_records():
+    stray = {**COUNTERFACT_RECORD, "requested_rewrite": {**COUNTERFACT_RECORD["requested_rewrite"]}}
+    stray["requested_rewrite"]["prompt"] = "{} plays {sport} for"
+    unanswered = {**COUNTERFACT_RECORD, "requested_rewrite": {**COUNTERFACT_RECORD["requested_rewrite"]}}
+    del unanswered["requested_rewrite"]["target_true"]
+    loaded = parse_edit_records([COUNTERFACT_RECORD, stray, unanswered], fmt="counterfact", on_invalid="collect")
+    assert len(loaded.requests) == 1
+    assert [(index, name) for index, name, _ in loaded.rejected] == [
+        (1, "requested_rewrite.prompt"),
+        (2, "requested_rewrite.target_true.str"),
+    ]
+    assert "exactly one '{}' subject slot and no other braces" in loaded.rejected[0][2]

@@ -2,24 +2,33 @@
 
     roselora-edit --model PATH --data FILE [--method roselora|lora|adalora|ft-l|all] [--mode single|batch|sequential]
                   [--limit N] [--seed S] [--output results.json] [--plot metrics.png]
+                  [--lr LR] [--steps N] [--r R] [--alpha A] [--targets q_proj v_proj] [--keep-ratio TAU]
+                  [--clamp C | --no-clamp]
 
-Writes per-record results and a summary per method (means of reliability, generalisation, locality, portability,
-steps, fraction of adapted weights changed, seconds per edit) to ``--output``. Malformed records are listed in the
-output (``rejected``), never dropped silently.
+Every per-record result is appended to ``<output stem>.jsonl`` as soon as it is produced (one JSON line each: a
+crash at record N keeps records 1..N-1); at the end ``--output`` gets the summary per method (means of reliability,
+generalisation, locality, portability, steps, fraction of adapted weights changed, seconds per edit) and the records.
+Malformed records are listed in the output (``rejected``), never dropped silently. A record whose loss is not
+finite is marked failed with the reason and the run exits with status 1; output stays strict JSON (no NaN). User
+errors (missing or unreadable files, bad JSON, non-UTF-8, a byte-order mark, bad options) print one line and exit
+with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import load_edit_requests
+from .data import EditDataError, load_edit_requests
 from .editor import METHODS, EditHyperParams, Editor
 
 
@@ -44,6 +53,39 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
+def _finite_positive(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}")
+        return value
+
+    return parse
+
+
+def _keep_ratio(text: str) -> float:
+    value = _finite_positive("--keep-ratio")(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"--keep-ratio must be in (0, 1], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="roselora-edit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -52,37 +94,88 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="JSON file of edit records (EasyEdit, MEND zsRE, CounterFact)")
     parser.add_argument("--method", default="roselora", choices=[*METHODS, "all"])
     parser.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
-    parser.add_argument("--limit", type=int, default=None, help="first N records only")
+    parser.add_argument("--limit", type=_positive_int("--limit"), default=None, help="first N records only")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's 5e-4)")
+    parser.add_argument("--lr", type=_finite_positive("--lr"), default=None, help="learning rate (default 5e-4)")
     parser.add_argument(
         "--steps",
-        type=int,
+        type=_positive_int("--steps"),
         default=None,
         help="optimizer steps per edit (default 25; the schedule is scaled in proportion)",
     )
+    parser.add_argument("--r", type=_positive_int("--r"), default=None, help="adapter rank (default 8)")
+    parser.add_argument("--alpha", type=_finite_positive("--alpha"), default=None, help="lora_alpha (default 32)")
+    parser.add_argument("--targets", nargs="+", default=None, help="target modules (default q_proj v_proj)")
+    parser.add_argument("--keep-ratio", type=_keep_ratio, default=None, help="RoseLoRA keep ratio (default 0.05)")
+    clamp = parser.add_mutually_exclusive_group()
+    clamp.add_argument("--clamp", type=_finite_positive("--clamp"), default=None, help="RoseLoRA clamp (default 3e-3)")
+    clamp.add_argument("--no-clamp", action="store_true", help="turn RoseLoRA's clamp off")
     parser.add_argument("--output", default="edit_results.json")
     parser.add_argument("--plot", default=None, help="PNG with the summary metrics per method (needs matplotlib)")
     return parser
 
 
+def hyper_parameters(args: argparse.Namespace, method: str) -> EditHyperParams:
+    """The editing hyperparameters the options select (the recipe's defaults for the options not given)."""
+    overrides = {}
+    for option, name in (("lr", "lr"), ("r", "r"), ("alpha", "lora_alpha"), ("keep_ratio", "keep_ratio")):
+        if getattr(args, option) is not None:
+            overrides[name] = getattr(args, option)
+    if args.targets is not None:
+        overrides["target_modules"] = tuple(args.targets)
+    if args.no_clamp:
+        overrides["clamp_value"] = None
+    elif args.clamp is not None:
+        overrides["clamp_value"] = args.clamp
+    if args.steps is not None:
+        return EditHyperParams.scaled_to(args.steps, method=method, **overrides)
+    return EditHyperParams(method=method, **overrides)
+
+
+def _checked_row(result) -> dict:
+    """The result as a strict-JSON dict: a non-finite loss marks the record failed with the reason."""
+    row = result.to_dict()
+    bad = [name for name, value in row.items() if isinstance(value, float) and not math.isfinite(value)]
+    for name in bad:
+        row[name] = None
+    if bad:
+        row["failed"] = f"non-finite {', '.join(bad)}"
+    return row
+
+
+def _user_error(message: str) -> int:
+    print(f"roselora-edit: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"roselora-edit: --limit must be >= 1, got {args.limit}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise SystemExit("roselora-edit: --plot needs matplotlib (pip install matplotlib)") from None
+            return _user_error("--plot needs matplotlib (pip install matplotlib)")
+    output = Path(args.output)
+    stream = output.with_suffix(".jsonl")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        stream.write_text("")
+        loaded = load_edit_requests(args.data, limit=args.limit, on_invalid="collect")
+    except (OSError, EditDataError) as error:
+        return _user_error(str(error) if isinstance(error, EditDataError) else f"{error.strerror}: {error.filename}")
+    if not os.path.isdir(args.model):
+        return _user_error(f"--model {args.model}: no such folder")
+    try:
+        methods = list(METHODS) if args.method == "all" else [args.method]
+        hparams = {method: hyper_parameters(args, method) for method in methods}
+    except ValueError as error:
+        return _user_error(str(error))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = load_edit_requests(args.data, limit=args.limit, on_invalid="collect")
     for _, _, message in loaded.rejected:
         print(f"roselora-edit: rejected {message}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    methods = list(METHODS) if args.method == "all" else [args.method]
-    output = {
+    report = {
         "model": args.model,
         "data": args.data,
         "mode": args.mode,
@@ -90,33 +183,35 @@ def main(argv: Optional[list[str]] = None) -> int:
         "rejected": [{"record": i, "field": f, "error": m} for i, f, m in loaded.rejected],
         "methods": {},
     }
-    for method in methods:
-        torch.manual_seed(args.seed)
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-        overrides = {"lr": args.lr} if args.lr is not None else {}
-        if args.steps is not None:
-            hparams = EditHyperParams.scaled_to(args.steps, method=method, **overrides)
-        else:
-            hparams = EditHyperParams(method=method, **overrides)
-        editor = Editor(model, tokenizer, hparams)
-        if args.mode == "single":
-            results = [editor.edit_single(r) for r in tqdm(loaded.requests, desc=f"{method} edits")]
-        elif args.mode == "batch":
-            results = [editor.edit_batch(loaded.requests)]
-        else:
-            results = editor.edit_sequential(loaded.requests)
-        rows = [result.to_dict() for result in results]
-        output["methods"][method] = {"summary": summarize(rows), "records": rows}
-        print(
-            f"{method}: "
-            + ", ".join(
-                f"{k} {v:.4f}" for k, v in output["methods"][method]["summary"].items() if isinstance(v, float)
-            )
-        )
-    with open(args.output, "w") as handle:
-        json.dump(output, handle, indent=2)
+    failed = 0
+    with stream.open("a", encoding="utf-8") as lines:
+        for method in methods:
+            torch.manual_seed(args.seed)
+            editor = Editor(AutoModelForCausalLM.from_pretrained(args.model), tokenizer, hparams[method])
+            if args.mode == "single":
+                results = (editor.edit_single(r) for r in tqdm(loaded.requests, desc=f"{method} edits"))
+            elif args.mode == "batch":
+                results = iter([editor.edit_batch(loaded.requests)])
+            else:
+                results = iter(editor.edit_sequential(loaded.requests))
+            rows = []
+            for result in results:
+                row = _checked_row(result)
+                failed += "failed" in row
+                rows.append(row)
+                lines.write(json.dumps({"method": method, **row}, allow_nan=False) + "\n")
+                lines.flush()
+            summary = summarize([row for row in rows if "failed" not in row])
+            summary["failed"] = sum("failed" in row for row in rows)
+            report["methods"][method] = {"summary": summary, "records": rows}
+            print(f"{method}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if isinstance(v, float)))
+    with output.open("w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2, allow_nan=False)
     if args.plot:
-        plot_summary(output, args.plot)
+        plot_summary(report, args.plot)
+    if failed:
+        print(f"roselora-edit: {failed} record(s) failed (non-finite loss); see 'failed' in {output}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -138,15 +138,23 @@ def _from_counterfact(record: dict, index: int) -> EditRequest:
         raise EditDataError(f"record {index}: field 'requested_rewrite' must be an object, got {rewrite!r}")
     subject = _text(rewrite, index, "subject")
     template = _text(rewrite, index, "prompt")
-    if "{}" not in template:
-        raise EditDataError(f"record {index}: field 'requested_rewrite.prompt' needs a '{{}}' subject slot")
+    if template.count("{}") != 1 or template.replace("{}", "").count("{") or template.replace("{}", "").count("}"):
+        raise EditDataError(
+            f"record {index}: field 'requested_rewrite.prompt' needs exactly one '{{}}' subject slot and no other "
+            f"braces, got {template!r}"
+        )
     target = rewrite.get("target_new", {}).get("str") if isinstance(rewrite.get("target_new"), dict) else None
     if not isinstance(target, str) or not target.strip():
         raise EditDataError(f"record {index}: field 'requested_rewrite.target_new.str' must be a non-empty string")
     truth = rewrite.get("target_true", {}).get("str") if isinstance(rewrite.get("target_true"), dict) else None
     neighbours = _texts(record, index, "neighborhood_prompts")
+    if neighbours and not (isinstance(truth, str) and truth.strip()):
+        raise EditDataError(
+            f"record {index}: field 'requested_rewrite.target_true.str' must be a non-empty string: the "
+            f"{len(neighbours)} neighborhood_prompts need it as their answer"
+        )
     return EditRequest(
-        prompt=template.format(subject),
+        prompt=template.replace("{}", subject),
         target_new=target.strip(),
         subject=subject,
         ground_truth=[truth] if truth else [],
@@ -210,6 +218,25 @@ def parse_edit_records(
 def load_edit_requests(
     path: str, fmt: str = "auto", limit: Optional[int] = None, on_invalid: str = "raise"
 ) -> LoadedRequests:
-    """Load a JSON file of edit records (see :func:`parse_edit_records`)."""
-    with open(path, encoding="utf-8") as handle:
-        return parse_edit_records(json.load(handle), fmt=fmt, limit=limit, on_invalid=on_invalid)
+    """Load a JSON file of edit records (see :func:`parse_edit_records`).
+
+    Raises:
+        EditDataError: the file is not UTF-8, starts with a byte-order mark, or is not JSON (names the file and the
+            position), or a record is malformed.
+        OSError: the file is missing or unreadable.
+    """
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise EditDataError(f"{path}: starts with a UTF-8 byte-order mark; save it as UTF-8 without BOM")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EditDataError(f"{path}: not UTF-8 (byte {error.start}: {error.reason})") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise EditDataError(
+            f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
+    return parse_edit_records(records, fmt=fmt, limit=limit, on_invalid=on_invalid)
