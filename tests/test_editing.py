@@ -214,6 +214,7 @@ def test_bad_hyper_parameters_are_named():
     assert (scaled.prune_start_step, scaled.prune_end_step, scaled.steps) == (1, 8, 10)
 
 
+@pytest.mark.slow
 def test_cli_writes_per_record_results_and_a_summary(tiny_lm, tmp_path):
     import subprocess
     import sys
@@ -352,7 +353,10 @@ def test_cli_marks_a_non_finite_loss_failed_and_exits_non_zero(cli_setup, monkey
     [
         (None, "No such file or directory"),
         (b"[{", "not valid JSON (Expecting property name enclosed in double quotes at line 1 column 3)"),
-        (b'[{"prompt": "caf\\xe9", "target_new": "x"}]'.replace(b"\\xe9", b"\xe9"), "not UTF-8 (byte 16: invalid continuation byte)"),
+        (
+            b'[{"prompt": "caf\\xe9", "target_new": "x"}]'.replace(b"\\xe9", b"\xe9"),
+            "not UTF-8 (byte 16: invalid continuation byte)",
+        ),
         (b'\xef\xbb\xbf[{"prompt": "a", "target_new": "b"}]', "starts with a UTF-8 byte-order mark"),
     ],
 )

@@ -43,6 +43,7 @@ def _readme(hub: LocalHub, repo_id: str) -> tuple[dict, str]:
     return card_metadata(readme), readme
 
 
+@pytest.mark.slow
 def test_push_then_load_by_repo_id_gives_identical_logits(hub, tmp_path):
     expected = tmp_path / "expected.safetensors"
     pushed = _client(hub, tmp_path, "push", str(tmp_path / "base"), "user/roselora-tiny", str(expected), "-")
@@ -59,6 +60,7 @@ def test_push_then_load_by_repo_id_gives_identical_logits(hub, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_explicit_hub_base_model_is_written_with_its_adapter_tag(hub, tmp_path):
     _client(
         hub,
@@ -93,6 +95,7 @@ def test_local_hub_rejects_local_path_base_model_like_the_real_hub(hub, tmp_path
     assert any(r.startswith("POST /api/validate-yaml") or "/commit/" in r for r in hub.requests)
 
 
+@pytest.mark.slow
 def test_trainer_push_ends_with_the_peft_card(hub, tmp_path):
     assert _client(hub, tmp_path, "trainer_push", str(tmp_path / "base"), "user/trained", str(tmp_path / "out")) == {
         "pushed": True

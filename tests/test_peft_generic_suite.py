@@ -103,6 +103,7 @@ def lora_baseline(peft_sdist, tmp_path_factory) -> dict:
     return _run_suite(peft_sdist, "lora", False, tmp_path_factory.mktemp("baseline"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("random_masks", [False, True], ids=["masks-as-created", "random-masks"])
 def test_peft_generic_suite(peft_sdist, lora_baseline, random_masks, tmp_path):
     summary = _run_suite(peft_sdist, "roselora", random_masks, tmp_path)

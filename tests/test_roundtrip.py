@@ -55,6 +55,7 @@ def _run_fresh(code: str, **paths) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_save_and_load_in_a_fresh_process(kind, tmp_path):
     model = _trained(kind)
@@ -103,6 +104,7 @@ def test_save_and_load_in_a_fresh_process(kind, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_loading_without_the_import_fails_with_keyerror(tmp_path):
     model = _trained("llama")
     model.save_pretrained(tmp_path)
@@ -157,6 +159,7 @@ def test_unload_returns_the_base_model():
     assert torch.allclose(_logits(unloaded), _logits(make_tiny_llama()), atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_export_to_plain_lora_loads_in_stock_peft(kind, tmp_path):
     model = _trained(kind)

@@ -47,6 +47,7 @@ def test_sft_trainer_reaches_target_sparsity(tmp_path, load_in_4bit):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_sft_example_runs_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--max-steps", "20", "--output-dir", str(tmp_path)],
