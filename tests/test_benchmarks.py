@@ -46,6 +46,8 @@ def test_editing_benchmark_quick(tmp_path):
         str(tmp_path / "cache"),
         "--data",
         str(ZSRE),
+        "--limit",
+        "13",  # the 12 valid records and the malformed one
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
