@@ -6,7 +6,7 @@
 ``register_optimizer_hooks`` attaches the RoseLoRA step to the optimizer: the importance update runs right before
 every real optimizer step, pruning right after it. Under ``accelerator.accumulate`` the prepared optimizer only
 steps when gradients are synchronised, so the hooks fire once per optimizer step, as the schedule counts.
-For exact resumption, checkpoint ``model.roselora_state_dict()`` next to ``accelerator.save_state()``.
+For exact resumption ``accelerator.save_state()`` is enough: the optimizer's state dict carries the RoseLoRA schedule.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Optional, Union
 
@@ -330,7 +331,7 @@ class RoseLoraModel(LoraModel):
         """
         for name in self._schedule_adapters(None):
             schedule = self.adapter_schedule(name)
-            if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+            if isinstance(global_step, bool) or not isinstance(global_step, numbers.Integral) or global_step < 0:
                 raise ValueError(f"`global_step` must be an integer >= 0, got {global_step!r}.")
             if global_step < schedule.step:
                 raise ValueError(

@@ -11,6 +11,7 @@ still needed, how pruned entries score in persistent mode) are small pure functi
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -260,14 +261,14 @@ class AdapterSchedule:
         Raises:
             ValueError: if ``step`` is not an int >= 0 or is below the current step.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"`global_step` must be an integer >= 0, got {step!r}.")
         if step < self.step:
             raise ValueError(
                 f"`global_step` must not decrease: got {step} after the schedule reached step {self.step} "
                 "(update_and_allocate takes the 0-based index of the optimizer step just taken)."
             )
-        self.step = step
+        self.step = int(step)
 
     def selection_scores(self, module_name: str, mask_a: torch.Tensor, mask_b: torch.Tensor):
         """Row-major scores of one module for the top-k: ``(r, in)`` for ``lora_A`` and ``(r, out)`` for the columns

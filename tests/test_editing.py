@@ -185,7 +185,6 @@ def test_roselora_edit_flips_the_prediction_and_restores_the_model(tiny_lm):
     editor = Editor(model, tokenizer, hparams)
     result = editor.edit_single(REQUEST)
     assert result.reliability == 1.0  # "rome" is now predicted after the prompt
-    assert 0.0 <= result.locality <= 1.0 and 0.0 <= result.generalization <= 1.0
     assert result.steps <= 25 and result.last_loss < result.first_loss
     # the merged update touches at most r * tau^2 of the adapted weights (tau = ceil(0.05 * n) / n, rounded up)
     assert 0 < result.changed_weights and result.changed_fraction_of_adapted <= 8 * (4 / 64) ** 2 + 1e-9
@@ -193,14 +192,36 @@ def test_roselora_edit_flips_the_prediction_and_restores_the_model(tiny_lm):
         assert torch.equal(editor.model(input_ids=ids).logits, before_logits)
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora", "ft-l"])
-def test_baselines_run_through_the_same_editor(tiny_lm, method):
+def _next_tokens(model, tokenizer, prompt: str, answer: str) -> list[int]:
+    """By hand: the argmax token after every prefix of ``prompt + " " + answer`` that precedes an answer token."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + answer_ids])).logits[0]
+    return [int(logits[len(prompt_ids) - 1 + i].argmax()) for i in range(len(answer_ids))]
+
+
+@pytest.mark.parametrize("method", ["roselora", "lora", "adalora", "ft-l"])
+def test_metrics_equal_a_recomputation_on_the_edited_model(tiny_lm, method):
+    import copy
+
     model, tokenizer = tiny_lm
-    result = Editor(model, tokenizer, EditHyperParams.scaled_to(10, method=method, lr=2e-2)).edit_single(REQUEST)
-    for value in (result.reliability, result.generalization, result.locality):
-        assert 0.0 <= value <= 1.0
-    assert result.steps == 10 or result.last_loss < 0.1
-    assert result.changed_weights <= result.adapted_weights
+    hparams = EditHyperParams.scaled_to(10, method=method, lr=2e-2)
+    torch.manual_seed(0)
+    edited, [result] = Editor(copy.deepcopy(model), tokenizer, hparams).apply([REQUEST])
+    target = tokenizer(" rome", add_special_tokens=False)["input_ids"]
+    hits = [a == b for a, b in zip(_next_tokens(edited, tokenizer, REQUEST.prompt, "rome"), target)]
+    assert result.reliability == sum(hits) / len(hits)
+    rephrased = _next_tokens(edited, tokenizer, REQUEST.rephrase_prompts[0], "rome")
+    assert result.generalization == sum(a == b for a, b in zip(rephrased, target)) / len(target)
+    before = _next_tokens(model, tokenizer, "who wrote hamlet", "shakespeare")
+    after = _next_tokens(edited, tokenizer, "who wrote hamlet", "shakespeare")
+    assert result.locality == sum(a == b for a, b in zip(before, after)) / len(before)
+    # what each method changes: RoseLoRA a sparse set within r * tau^2, the baselines every adapted weight
+    if method == "roselora":
+        assert 0 < result.changed_weights <= 8 * (4 / 64) ** 2 * result.adapted_weights
+    else:
+        assert result.changed_weights == result.adapted_weights
 
 
 def test_bad_hyper_parameters_are_named():
@@ -258,8 +279,8 @@ def test_cli_writes_per_record_results_and_a_summary(tiny_lm, tmp_path):
     assert set(output["methods"]) == {"roselora", "lora", "adalora", "ft-l"}
     for method in output["methods"].values():
         assert method["summary"]["edits"] == 2 and len(method["records"]) == 2
-        for name in ("reliability", "locality"):
-            assert 0.0 <= method["summary"][name] <= 1.0
+        for name in ("reliability", "locality"):  # the summary is the mean of the records
+            assert method["summary"][name] == pytest.approx(sum(r[name] for r in method["records"]) / 2)
 
 
 def test_apply_keeps_the_edit_merged(tiny_lm):

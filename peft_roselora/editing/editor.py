@@ -25,7 +25,8 @@ METHODS = ("roselora", "lora", "adalora", "ft-l")
 
 @dataclass
 class EditHyperParams:
-    """Defaults: the authors' RoseLoRA editing recipe (spec section 6); the baselines share steps, rank, lr, targets.
+    """Defaults: the authors' RoseLoRA editing recipe (docs/method.md, docs/editing.md); the baselines share steps,
+    rank, lr, targets.
 
     ``ft_layer`` (FT-L): index of the decoder layer whose MLP down projection is fine-tuned (default: the middle
     layer); ``ft_norm``: its L-infinity bound on the weight change.
