@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from . import sparsity
 from .config import RoseLoraConfig
 from .layer import Linear, RoseLoraLayer
-from .schedule import AdapterSchedule, ScheduleStateError, replay_last_keep_ratio
+from .schedule import AdapterSchedule, ScheduleStateError, replay_last_keep_ratio, should_mask_gradients
 
 
 SUPPORTED_TARGETS = "torch.nn.Linear, transformers Conv1D, bitsandbytes Linear8bitLt and Linear4bit"
@@ -241,10 +241,11 @@ class RoseLoraModel(LoraModel):
                 raise RuntimeError(f"Adapter '{name}' has no RoseLoRA layers in this model.")
             weights = [weight for _, layer in layers for weight in layer.factors_with_grads(name)]
             schedule.check_new_gradients(weights[0].grad)
-            if schedule.persistent and any(not layer.rose_masks_keep_all[name] for _, layer in layers):
+            if should_mask_gradients(schedule.persistent, [layer.rose_masks_keep_all[name] for _, layer in layers]):
                 # pruned entries get no gradient: the optimizer sees grad * mask, exactly zero where pruned
                 masks = [mask for _, layer in layers for mask in layer.factors_and_masks(name)[1]]
                 sparsity.apply_masks_([w.grad for w in weights], masks)
+            schedule.remember_gradient(weights[0].grad)
             if not schedule.importance_needed():
                 schedule.mark_importance_not_needed()
                 continue

@@ -67,6 +67,12 @@ def importance_still_used(persistent: bool, last_keep_ratio: Optional[float], fi
     return not (persistent and last_keep_ratio == final_keep_ratio)
 
 
+def should_mask_gradients(persistent: bool, masks_keep_all: list[bool]) -> bool:
+    """Whether the gradients of pruned entries are zeroed before the optimizer step: in persistent mode, once some
+    mask prunes anything (masking with all-True masks is a no-op)."""
+    return persistent and not all(masks_keep_all)
+
+
 def selection_scores(importance: torch.Tensor, mask: torch.Tensor, persistent: bool) -> torch.Tensor:
     """Scores the top-k selects from: the importance, with pruned entries at -1 in persistent mode.
 
@@ -167,7 +173,7 @@ class AdapterSchedule:
         (``zero_grad(set_to_none=True)``) or bumps its version counter (accumulation into zeroed gradients).
 
         Raises:
-            RuntimeError: if ``gradient`` is the tensor of the previous update, unchanged.
+            RuntimeError: if ``gradient`` is the tensor :meth:`remember_gradient` saw last, unchanged since.
         """
         if self._last_gradient is not None:
             previous, version = self._last_gradient
@@ -177,6 +183,9 @@ class AdapterSchedule:
                     "optimizer step): optimizer hooks on two optimizers that both step each iteration advance the "
                     "schedule twice. Register the hooks on one optimizer only (the one that steps lora_A / lora_B)."
                 )
+
+    def remember_gradient(self, gradient: torch.Tensor) -> None:
+        """Note the gradient tensor this step's importance update used, after any in-place masking of it."""
         self._last_gradient = (gradient, gradient._version)
 
     def record_importance(

@@ -193,8 +193,13 @@ def test_hooks_registered_twice_on_one_optimizer_are_refused():
     peft_roselora.register_optimizer_hooks(model, optimizer)  # after remove() it is allowed again
 
 
-def test_hooks_on_two_optimizers_stepping_each_iteration_are_an_error_not_two_steps():
-    model = _model()
+@pytest.mark.parametrize("prune_mode", ["reselect", "persistent"])
+def test_hooks_on_two_optimizers_stepping_each_iteration_are_an_error_not_two_steps(prune_mode):
+    model = _model(prune_mode=prune_mode, prune_start_step=0, prune_end_step=1)  # sparse masks from step 1 on
+    lora = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(lora, lr=1e-2)
+    peft_roselora.register_optimizer_hooks(model, optimizer)
+    _steps(model, optimizer, 0, 2)  # persistent mode now masks gradients in place
     lora_a = [p for n, p in model.named_parameters() if "lora_A" in n]
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     first, second = torch.optim.SGD(lora_a, lr=1e-2), torch.optim.SGD(lora_b, lr=1e-2)
@@ -205,7 +210,7 @@ def test_hooks_on_two_optimizers_stepping_each_iteration_are_an_error_not_two_st
     first.step()
     with pytest.raises(RuntimeError, match="driven twice on the same gradients"):
         second.step()
-    assert model.steps_taken() == 1
+    assert model.steps_taken() == 3
 
 
 def test_hooks_on_an_optimizer_without_the_factors_are_refused():

@@ -15,6 +15,7 @@ from peft_roselora.schedule import (
     importance_still_used,
     replay_last_keep_ratio,
     selection_scores,
+    should_mask_gradients,
     should_recompute_masks,
 )
 
@@ -40,6 +41,12 @@ def test_clamp_starts_after_t_i_and_importance_stops_when_persistent_masks_are_f
     assert importance_still_used(True, 0.1, 0.1) is False
     assert importance_still_used(True, 0.5, 0.1) is True
     assert importance_still_used(False, 0.1, 0.1) is True
+
+
+def test_gradients_are_masked_in_persistent_mode_once_something_is_pruned():
+    assert should_mask_gradients(True, [True, False]) is True
+    assert should_mask_gradients(True, [True, True]) is False
+    assert should_mask_gradients(False, [False, False]) is False
 
 
 def test_pruned_entries_score_minus_one_in_persistent_mode_only():
@@ -99,6 +106,7 @@ def test_skip_keeps_t_and_counts_and_double_drive_is_refused():
         schedule.advance()
     gradient = torch.zeros(3)
     schedule.check_new_gradients(gradient)
+    schedule.remember_gradient(gradient)
     with pytest.raises(RuntimeError, match="driven twice on the same gradients"):
         schedule.check_new_gradients(gradient)
     gradient.add_(1.0)  # a new backward accumulating into the same tensor bumps its version
