@@ -1,7 +1,7 @@
 """Knowledge-editing benchmark on the real zsRE records: RoseLoRA against LoRA, AdaLoRA and FT-L.
 
     python benchmarks/editing/run.py                 # full: all records, all methods (about 15-25 min on 2 CPU cores)
-    python benchmarks/editing/run.py --quick         # CI: 12 records and a smaller base model (about 1-2 min)
+    python benchmarks/editing/run.py --quick         # 12 records and a smaller base model (about 10 s on 2 CPU cores)
     python benchmarks/editing/run.py --model PATH    # any local Hugging Face causal LM (with its tokenizer) instead
     python benchmarks/editing/run.py --data ../shared/data/zsre/zsre_mend_eval_subset.json   # a local record file
 
