@@ -19,8 +19,8 @@ def test_schedule_authors_editing_values():
     assert values[4] == pytest.approx(0.842, abs=1e-3)
     assert all(value == tau for value in values[20:])
     assert all(later <= earlier for earlier, later in zip(values, values[1:]))
-    # cubic form checked at one interior point
-    assert values[10] == pytest.approx(tau + (1 - tau) * (1 - 7 / 17) ** 3)
+    # an interior point worked by hand: 0.05 + 0.95 * (10/17)^3 = 0.05 + 950/4913
+    assert values[10] == pytest.approx(0.2433645, abs=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -128,5 +128,5 @@ def test_module_sparsity_counts():
     assert (row.nonzeros_a, row.nonzeros_b, row.factor_nonzeros, row.factor_numel) == (2, 2, 4, 14)
     assert row.delta_nonzeros == 2 and row.delta_numel == 12
     assert row.max_row_density_a == pytest.approx(1 / 3) and row.max_col_density_b == pytest.approx(1 / 4)
-    assert row.proposition1_bound == pytest.approx(2 * (1 / 3) * (1 / 4))
-    assert row.delta_density <= row.proposition1_bound + 1e-12
+    assert row.proposition1_bound == pytest.approx(1 / 6)  # by hand: rows of A 1/3 each, columns of B 1/4 each
+    assert row.delta_density == pytest.approx(1 / 6)  # the bound is tight here: B @ A has 2 of 12 entries
