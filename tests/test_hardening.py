@@ -156,19 +156,31 @@ class _SkipProbe(TrainerCallback):
         self.skipped.append(all(torch.equal(a, b) for a, b in zip(self.before, after)))
 
 
-def test_trainer_with_a_real_grad_scaler_skips_overflowed_steps_entirely(tmp_path):
-    # max_grad_norm=0: no clipping, so the callback itself must unscale the gradients before taking the importance
+@pytest.mark.parametrize(
+    "max_grad_norm,fp16_autocast,init_scale",
+    [
+        (0.0, False, 2.0**68),  # no clipping: the callback itself must unscale before taking the importance
+        (1.0, True, 2.0**26),  # fp16 autocast and clipping: accelerate unscales for the clip, the callback reuses it
+    ],
+    ids=["fp32-no-clip", "fp16-autocast-clip"],
+)
+def test_trainer_with_a_real_grad_scaler_skips_overflowed_steps_entirely(
+    tmp_path, monkeypatch, max_grad_norm, fp16_autocast, init_scale
+):
     model = _model(total_step=None, prune_start_step=0.1, prune_end_step=0.8)
     probe = _SkipProbe()
     trainer = Trainer(
         model=model,
-        args=_args(tmp_path, max_grad_norm=0.0),
+        args=_args(tmp_path, max_grad_norm=max_grad_norm),
         train_dataset=_dataset(),
         callbacks=[probe, RoseLoraCallback()],
     )
-    # fp16 mixed precision's loss scaling, on CPU: a scale of 2^68 overflows the first steps of this model
-    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**68)
+    # fp16 mixed precision's loss scaling on CPU (accelerate refuses fp16 without a GPU): a real GradScaler whose
+    # initial scale overflows the first steps of this model
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     trainer.accelerator.native_amp = True
+    if fp16_autocast:  # what fp16=True sets on a GPU: autocast to fp16 and unscaling before clipping
+        monkeypatch.setattr(trainer.accelerator.state, "_mixed_precision", "fp16")  # shared state: restored after
     trainer.train()
     skipped = sum(probe.skipped)
     assert len(probe.skipped) == 20 and skipped >= 1 and probe.skipped[0]
