@@ -208,8 +208,15 @@ class AdapterSchedule:
         """
         self._check_not_pending("update_importance()")
         previous = []
-        for name in module_names:
-            previous += [self.importance_A.get(name), self.importance_B.get(name)]
+        for index, name in enumerate(module_names):
+            for store, weight in (
+                (self.importance_A, weights[2 * index]),
+                (self.importance_B, weights[2 * index + 1]),
+            ):
+                ema = store.get(name)
+                if ema is not None and ema.device != weight.device:  # the model moved (model.to(device))
+                    store[name] = ema = ema.to(weight.device)
+                previous.append(ema)
         updated = sparsity.update_importance_emas(previous, weights, grads, self.config.importance_beta)
         finite = updated is not None
         if finite:
