@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import Optional, Union
 
@@ -330,15 +329,8 @@ class RoseLoraModel(LoraModel):
         Raises:
             ValueError: if ``global_step`` is negative, not an int, or smaller than a previous call's.
         """
-        for name in self._schedule_adapters(None):
-            schedule = self.adapter_schedule(name)
-            if isinstance(global_step, bool) or not isinstance(global_step, numbers.Integral) or global_step < 0:
-                raise ValueError(f"`global_step` must be an integer >= 0, got {global_step!r}.")
-            if global_step < schedule.step:
-                raise ValueError(
-                    f"`global_step` must increase from call to call: got {global_step} after the schedule of adapter "
-                    f"'{name}' reached step {schedule.step}."
-                )
+        for name in self._schedule_adapters(None):  # before any side effect
+            self.adapter_schedule(name).check_step(global_step)
         self.update_importance()
         for name in self._schedule_adapters(None):
             self.adapter_schedule(name).set_step(global_step)

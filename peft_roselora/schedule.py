@@ -271,8 +271,8 @@ class AdapterSchedule:
         self.importance_pending = self.pending_nonfinite = False
         self.skipped_steps += 1
 
-    def set_step(self, step: int) -> None:
-        """Jump to ``step`` (AdaLoRA-style ``update_and_allocate(global_step)``).
+    def check_step(self, step: int) -> None:
+        """Check that the schedule may jump to ``step`` (AdaLoRA-style ``update_and_allocate(global_step)``).
 
         Raises:
             ValueError: if ``step`` is not an int >= 0 or is below the current step.
@@ -281,9 +281,17 @@ class AdapterSchedule:
             raise ValueError(f"`global_step` must be an integer >= 0, got {step!r}.")
         if step < self.step:
             raise ValueError(
-                f"`global_step` must not decrease: got {step} after the schedule reached step {self.step} "
-                "(update_and_allocate takes the 0-based index of the optimizer step just taken)."
+                f"`global_step` must increase from call to call: got {step} after the schedule reached step "
+                f"{self.step} (update_and_allocate takes the 0-based index of the optimizer step just taken)."
             )
+
+    def set_step(self, step: int) -> None:
+        """Jump to ``step`` after :meth:`check_step`.
+
+        Raises:
+            ValueError: as :meth:`check_step`.
+        """
+        self.check_step(step)
         self.step = int(step)
 
     def selection_scores(self, module_name: str, mask_a: torch.Tensor, mask_b: torch.Tensor):
@@ -293,11 +301,6 @@ class AdapterSchedule:
             selection_scores(self.importance_A[module_name], mask_a, self.persistent),
             selection_scores(self.importance_B[module_name].T, mask_b.T, self.persistent),
         )
-
-    def forget_modules(self, keep: set[str]) -> None:
-        for store in (self.importance_A, self.importance_B):
-            for name in set(store) - keep:
-                del store[name]
 
     def _check_not_pending(self, call: str) -> None:
         if self.importance_pending:

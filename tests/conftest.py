@@ -38,6 +38,38 @@ def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
+def token_dataset(rows: int = 64, length: int = 16, seed: int = 0):
+    """A ``datasets.Dataset`` of random token rows with ``input_ids`` and ``labels`` (causal LM) for the Trainer."""
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB_SIZE, (rows, length), generator=generator).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def trainer_args(output_dir, **overrides):
+    """Deterministic CPU ``TrainingArguments`` for tiny Trainer runs (20 steps, constant lr 1e-2, no saving)."""
+    from transformers import TrainingArguments
+
+    values = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=20,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
 def random_batch(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB_SIZE, (batch, length), generator=generator)

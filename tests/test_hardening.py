@@ -8,11 +8,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import VOCAB_SIZE, make_tiny_llama, random_batch, train_steps
-from datasets import Dataset
+from conftest import make_tiny_llama, random_batch, token_dataset, train_steps, trainer_args
 from peft import PeftModel, get_peft_model
 from safetensors.torch import save_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 import peft_roselora
 from peft_roselora import RoseLoraCallback, RoseLoraConfig, RoseLoraLayer, sparsity
@@ -116,29 +115,12 @@ def test_persistent_mode_zeroes_non_finite_gradients_of_pruned_entries():
     assert model.base_model.adapter_schedule().nonfinite_steps == 0  # nothing non-finite reached the importance
 
 
-def _dataset(rows=96, length=16):
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB_SIZE, (rows, length), generator=generator).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+def _dataset():
+    return token_dataset(rows=96)
 
 
 def _args(folder, **overrides):
-    values = dict(
-        output_dir=str(folder),
-        per_device_train_batch_size=4,
-        max_steps=20,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=10,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
+    return trainer_args(folder, **{"logging_steps": 10, **overrides})
 
 
 class _SkipProbe(TrainerCallback):

@@ -116,7 +116,9 @@ def test_skip_keeps_t_and_counts_and_double_drive_is_refused():
 def test_set_step_refuses_negative_and_decreasing_steps():
     schedule = AdapterSchedule(_config())
     schedule.set_step(4)
-    with pytest.raises(ValueError, match="`global_step` must not decrease: got 3 after the schedule reached step 4"):
+    with pytest.raises(
+        ValueError, match="`global_step` must increase from call to call: got 3 after the schedule reached step 4"
+    ):
         schedule.set_step(3)
     with pytest.raises(ValueError, match="`global_step` must be an integer >= 0, got -1"):
         schedule.set_step(-1)

@@ -6,38 +6,15 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB_SIZE, make_tiny_llama
-from datasets import Dataset
+from conftest import make_tiny_llama, token_dataset, trainer_args
 from peft import get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from peft_roselora import RoseLoraCallback, RoseLoraConfig, RoseLoraLayer, UnsupportedSetupError
 
 
-def _dataset(rows: int = 64, length: int = 16, seed: int = 0) -> Dataset:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB_SIZE, (rows, length), generator=generator).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids})
-
-
-def _args(tmp_path, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=20,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=5,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+_dataset = token_dataset
+_args = trainer_args
 
 
 def _model(keep_ratio: float = 0.25, **config):

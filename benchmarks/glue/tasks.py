@@ -113,6 +113,19 @@ TASKS: dict[str, GlueTask] = {
 }
 
 
+def check_labels(examples: list[dict], task: GlueTask, source: str) -> list[dict]:
+    """``examples`` unchanged if every class label is one of the task's; regression labels are not checked.
+
+    Raises:
+        ValueError: naming ``source`` and the labels outside ``0..num_labels - 1``.
+    """
+    if not task.is_regression:
+        bad = {example["label"] for example in examples} - set(range(task.num_labels))
+        if bad:
+            raise ValueError(f"{source}: labels {sorted(bad)} outside 0..{task.num_labels - 1}")
+    return examples
+
+
 def read_split(data_dir: Path, task: GlueTask, split: str) -> list[dict]:
     """Examples of ``split`` ("train" or "dev") of ``task`` from ``data_dir/<task>/<split>.tsv``.
 
@@ -142,11 +155,7 @@ def read_split(data_dir: Path, task: GlueTask, split: str) -> list[dict]:
                 examples.append({"text_a": column(row, task.text_a), "text_b": text_b, "label": label})
             except (IndexError, KeyError, ValueError) as error:
                 raise ValueError(f"{path}:{line_number}: malformed row for task {task.name}: {error!r}") from error
-    if not task.is_regression:
-        bad = {example["label"] for example in examples} - set(range(task.num_labels))
-        if bad:
-            raise ValueError(f"{path}: labels {sorted(bad)} outside 0..{task.num_labels - 1}")
-    return examples
+    return check_labels(examples, task, str(path))
 
 
 # GLUE on the Hugging Face Hub: dataset id, the config name of each task, and its columns (test labels are hidden)
@@ -170,11 +179,7 @@ def examples_from_hub_rows(rows, task: GlueTask) -> list[dict]:
             examples.append({"text_a": row[first], "text_b": row[second] if second else None, "label": label})
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{HUB_DATASET}/{HUB_CONFIGS[task.name]} row {index}: malformed: {error!r}") from error
-    if not task.is_regression:
-        bad = {example["label"] for example in examples} - set(range(task.num_labels))
-        if bad:
-            raise ValueError(f"{HUB_DATASET}/{HUB_CONFIGS[task.name]}: labels {sorted(bad)} outside 0..1")
-    return examples
+    return check_labels(examples, task, f"{HUB_DATASET}/{HUB_CONFIGS[task.name]}")
 
 
 def load_split(task: GlueTask, split: str, data_dir: Path | None = None) -> list[dict]:

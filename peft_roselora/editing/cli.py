@@ -53,30 +53,28 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
-def _finite_positive(name: str):
-    def parse(text: str) -> float:
+def _number_option(name: str, convert, expected: str, valid):
+    """An argparse ``type`` converting with ``convert`` and accepting values for which ``valid`` holds; errors name
+    the option, what it expects and the text given."""
+
+    def parse(text: str):
         try:
-            value = float(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{name} must be {expected}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{name} must be {expected}, got {text!r}")
         return value
 
     return parse
+
+
+def _finite_positive(name: str):
+    return _number_option(name, float, "a finite number > 0", lambda value: math.isfinite(value) and value > 0)
 
 
 def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}")
-        return value
-
-    return parse
+    return _number_option(name, int, "an integer >= 1", lambda value: value >= 1)
 
 
 def _keep_ratio(text: str) -> float:
