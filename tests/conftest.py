@@ -38,6 +38,21 @@ def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """Copies of every adapter tensor of ``model`` (factors and masks), by state-dict key."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def assert_same_adapter_state(actual: dict, expected: dict) -> None:
+    """Exact resume: the same keys, masks equal, factors within 1e-6."""
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        if "mask" in key:
+            assert torch.equal(actual[key], expected[key]), key
+        else:
+            assert torch.allclose(actual[key], expected[key], atol=1e-6, rtol=0), key
+
+
 def token_dataset(rows: int = 64, length: int = 16, seed: int = 0):
     """A ``datasets.Dataset`` of random token rows with ``input_ids`` and ``labels`` (causal LM) for the Trainer."""
     from datasets import Dataset

@@ -8,7 +8,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny_llama, random_batch, token_dataset, train_steps, trainer_args
+from conftest import (
+    assert_same_adapter_state,
+    lora_state,
+    make_tiny_llama,
+    random_batch,
+    token_dataset,
+    train_steps,
+    trainer_args,
+)
 from peft import PeftModel, get_peft_model
 from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback
@@ -30,17 +38,8 @@ def _layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, RoseLoraLayer)]
 
 
-def _lora_state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
-
-
-def _assert_same(actual, expected):
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        if "mask" in key:
-            assert torch.equal(actual[key], expected[key]), key
-        else:
-            assert torch.allclose(actual[key], expected[key], atol=1e-6, rtol=0), key
+_lora_state = lora_state
+_assert_same = assert_same_adapter_state
 
 
 def _assert_masks_are_topk_of_importance(model):

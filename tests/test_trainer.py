@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_llama, token_dataset, trainer_args
+from conftest import assert_same_adapter_state, lora_state, make_tiny_llama, token_dataset, trainer_args
 from peft import get_peft_model
 from transformers import Trainer
 
@@ -20,10 +20,6 @@ _args = trainer_args
 def _model(keep_ratio: float = 0.25, **config):
     config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "keep_ratio": keep_ratio, **config}
     return get_peft_model(make_tiny_llama(), RoseLoraConfig(**config))
-
-
-def _masks_and_weights(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 
 @pytest.mark.parametrize("accumulation", [1, 4])
@@ -84,7 +80,7 @@ def test_resume_mid_decay_ends_where_an_uninterrupted_run_does(tmp_path):
     Trainer(
         model=full, args=_args(tmp_path / "full"), train_dataset=_dataset(), callbacks=[RoseLoraCallback()]
     ).train()
-    expected = _masks_and_weights(full)
+    expected = lora_state(full)
 
     # the interrupted run: checkpoint every 9 steps, stop after step 9 (mid decay: t_i = 2, t_f = 16)
     torch.manual_seed(0)
@@ -108,13 +104,7 @@ def test_resume_mid_decay_ends_where_an_uninterrupted_run_does(tmp_path):
     trainer = Trainer(model=resumed, args=args, train_dataset=_dataset(), callbacks=[RoseLoraCallback()])
     trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-9"))
     assert resumed.steps_taken() == 20
-    actual = _masks_and_weights(resumed)
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        if "mask" in key:
-            assert torch.equal(actual[key], expected[key]), key
-        else:
-            assert torch.allclose(actual[key], expected[key], atol=1e-6, rtol=0), key
+    assert_same_adapter_state(lora_state(resumed), expected)
 
 
 def test_resume_without_roselora_state_is_an_error(tmp_path):
@@ -142,14 +132,14 @@ def test_frozen_adapter_fails_loudly(tmp_path):
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
 def test_deepspeed_and_fsdp_are_refused_at_train_begin(tmp_path, monkeypatch, variable):
     model = _model()
-    before = copy.deepcopy(_masks_and_weights(model))
+    before = copy.deepcopy(lora_state(model))
     trainer = Trainer(
         model=model, args=_args(tmp_path, max_steps=2), train_dataset=_dataset(), callbacks=[RoseLoraCallback()]
     )
     monkeypatch.setenv(variable, "true")
     with pytest.raises(UnsupportedSetupError, match="RoseLoRA does not support (DeepSpeed|FSDP)"):
         trainer.train()
-    after = _masks_and_weights(model)
+    after = lora_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing trained
 
 
