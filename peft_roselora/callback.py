@@ -35,7 +35,8 @@ class RoseLoraCallback(TrainerCallback):
     - ``on_train_begin``: resolves ``total_step`` from the Trainer's ``max_steps`` if the config leaves it unset
       (``prune_start_step`` / ``prune_end_step`` given as fractions resolve against it: defaults 10 % and 80 %),
       makes the optimizer's state dict carry the schedule state (so every Trainer checkpoint holds it), restores it
-      when the run resumes (the Trainer has loaded the optimizer by then), and refuses FSDP and DeepSpeed.
+      when the run resumes (the Trainer has loaded the optimizer by then), and refuses FSDP1 and DeepSpeed (FSDP2
+      is supported: the importance EMAs stay sharded like the factors, see ``peft_roselora.sharding``).
     - ``on_pre_optimizer_step`` (gradients present, accumulated and clipped): ``update_importance()``, on unscaled
       gradients under fp16 mixed precision.
     - ``on_optimizer_step``: ``prune_step()``, once per optimizer step, also with gradient accumulation; a step the
@@ -49,7 +50,7 @@ class RoseLoraCallback(TrainerCallback):
             the folder to read it from.
 
     Raises:
-        UnsupportedSetupError: at train begin under FSDP or DeepSpeed.
+        UnsupportedSetupError: at train begin under FSDP1 or DeepSpeed.
         RuntimeError: in the first optimizer step if the adapter has no gradients (e.g. frozen by mistake), or when
             the schedule and the Trainer disagree on the step (the schedule is driven twice).
     """
@@ -208,16 +209,23 @@ def _refuse_unsupported_setups(args: TrainingArguments, model) -> None:
     if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise UnsupportedSetupError(
             "RoseLoRA does not support DeepSpeed: under accelerate the optimizer step runs inside backward(), so the "
-            "callback sees no gradients and the sparsity schedule cannot run. Use DDP (torchrun / accelerate launch "
-            "--multi_gpu); see docs/training.md."
+            "callback sees no gradients and the sparsity schedule cannot run. Use FSDP2 (fsdp_config={'version': 2}, "
+            "or `fsdp_version: 2` in the accelerate config) to shard the model, or DDP; see docs/training.md."
         )
-    fsdp_on = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if fsdp_on or isinstance(model, FullyShardedDataParallel):
+    # the FSDP version: the training arguments' (transformers defaults to 2), else the launcher's (accelerate: 1)
+    fsdp_version = None
+    if getattr(args, "fsdp", None):
+        fsdp_version = int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        fsdp_version = int(os.environ.get("FSDP_VERSION", "1"))
+    if isinstance(model, FullyShardedDataParallel) or fsdp_version == 1:
         raise UnsupportedSetupError(
-            "RoseLoRA does not support FSDP: lora_A / lora_B are sharded by rows, and the per-column top-k of lora_B "
-            "needs the whole column. Use DDP (torchrun / accelerate launch --multi_gpu); see docs/training.md."
+            "RoseLoRA does not support FSDP1 (FullyShardedDataParallel): it flattens lora_A / lora_B into shards that "
+            "cut across their rows and columns, so the per-row and per-column top-k cannot be taken. Use FSDP2: "
+            "fsdp_config={'version': 2} in TrainingArguments (the default), `fsdp_version: 2` in the accelerate "
+            "config, or torch.distributed.fsdp.fully_shard in a custom loop; see docs/training.md."
         )
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedSetupError(f"RoseLoraCallback received no model (got {type(model).__name__}).")

@@ -44,7 +44,10 @@ def card_section(model: PeftModel) -> str:
     tuner = _roselora_tuner(model)
     name = tuner.active_adapters[0]
     config = tuner.peft_config[name]
-    report = tuner.sparsity_report(name)
+    # under FSDP2 only the main process writes the card: measure the masks (replicated), not the sharded factors
+    sharded = tuner.factors_sharded(name)
+    report = tuner.sparsity_report(name, support_only=sharded)
+    measured = "mask" if sharded else "factor"
     fields = {
         "r": config.r,
         "lora_alpha": config.lora_alpha,
@@ -86,9 +89,10 @@ def card_section(model: PeftModel) -> str:
             "",
             f"- schedule step: {report.step}; keep ratio reached: {report.keep_ratio_reached:.4f} "
             f"(target {report.target_keep_ratio})",
-            f"- factor non-zeros: {report.factor_nonzeros} / {report.factor_numel} "
+            f"- {measured} non-zeros: {report.factor_nonzeros} / {report.factor_numel} "
             f"({report.factor_nonzeros / max(1, report.factor_numel):.4f})",
-            f"- merged-delta non-zeros: {report.delta_nonzeros} / {report.delta_numel} (density "
+            f"- merged-delta non-zeros{' (at most, from the masks)' if sharded else ''}: "
+            f"{report.delta_nonzeros} / {report.delta_numel} (density "
             f"{report.delta_density:.6f}; r * tau^2 bound {report.nominal_bound:.6f})",
             f"- adapted modules: {len(report.modules)}",
             "",

@@ -24,19 +24,11 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
 
-from . import sparsity
+from . import sharding, sparsity
 
 
 # training forward passes of an adapter whose schedule never ran before RoseLoRA warns that this is plain LoRA
 UNSCHEDULED_FORWARDS_BEFORE_WARNING = 20
-
-
-def _is_sharded(weight: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(weight, DTensor)
 
 
 def _after_load_state_dict(module: RoseLoraLayer, incompatible_keys) -> None:
@@ -152,6 +144,9 @@ class RoseLoraLayer(LoraLayer):
             adapter_name
         ) == self._factor_versions(adapter_name):
             return
+        if getattr(self, "rose_sharded", False):
+            # FSDP2: the forward sees an all-gathered copy of the factors; their shards are masked by prune_step()
+            return
         self.apply_masks(adapter_name)
 
     def count_unscheduled_forward(self) -> None:
@@ -170,11 +165,12 @@ class RoseLoraLayer(LoraLayer):
     @torch.no_grad()
     def masked_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The masked factors of ``adapter_name`` (no gradient): ``(A * mask_A, B * mask_B)``, shapes ``(r, in)`` and
-        ``(out, r)``."""
-        return (
-            self.lora_A[adapter_name].weight * self.lora_mask_A[adapter_name],
-            self.lora_B[adapter_name].weight * self.lora_mask_B[adapter_name],
+        ``(out, r)``. Under FSDP2 the factors are gathered whole first (a collective: call it on every process)."""
+        weight_a, weight_b = (
+            weight.full_tensor() if sharding.is_sharded(weight) else weight
+            for weight in self.factor_parameters(adapter_name)
         )
+        return weight_a * self.lora_mask_A[adapter_name], weight_b * self.lora_mask_B[adapter_name]
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``scaling * (B * mask_B) @ (A * mask_A)``, transposed for ``fan_in_fan_out`` (``Conv1D``) bases.
@@ -191,28 +187,34 @@ class RoseLoraLayer(LoraLayer):
 
     # ---- the training step, called by RoseLoraModel for every adapted module --------------------------------------
 
-    def factors_with_grads(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lora_A, lora_B)`` weights of ``adapter_name``, checked to carry gradients.
+    def factor_parameters(self, adapter_name: str) -> list[torch.Tensor]:
+        """``[lora_A weight, lora_B weight]`` of ``adapter_name`` as registered (``DTensor`` under FSDP2)."""
+        return [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
+
+    def factors_with_grads(self, adapter_name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The rows of ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` this process holds (all rows unless FSDP2
+        shards them), and the same rows of their gradients.
+
+        Returns:
+            tuple: ``([A, B], [grad A, grad B])``, plain tensors sharing storage with the parameters and gradients.
 
         Raises:
             RuntimeError: if a factor has no gradient.
-            NotImplementedError: if a factor is sharded (FSDP2 DTensor).
+            NotImplementedError: if a factor is sharded other than by FSDP2 along dim 0 on a 1-D mesh.
         """
-        weights = []
-        for factor in ("lora_A", "lora_B"):
-            weight = getattr(self, factor)[adapter_name].weight
-            if _is_sharded(weight):
-                raise NotImplementedError(
-                    f"RoseLoRA found a sharded {factor} (FSDP2 / DTensor) in adapter '{adapter_name}': per-row and "
-                    "per-column top-k over shards is not supported. Train with DDP (see docs/training.md)."
-                )
+        weights, grads = [], []
+        for factor, weight in zip(("lora_A", "lora_B"), self.factor_parameters(adapter_name)):
             if weight.grad is None:
                 raise RuntimeError(
                     f"RoseLoRA importance update for adapter '{adapter_name}' found no gradient on {factor}: call it "
                     "after loss.backward() and before optimizer.zero_grad() (and make sure the adapter is trainable)."
                 )
-            weights.append(weight)
-        return weights[0], weights[1]
+            if sharding.is_sharded(weight):
+                sharding.shard_rows(weight)  # checks the layout
+                self.rose_sharded = True
+            weights.append(sharding.local_tensor(weight))
+            grads.append(sharding.local_tensor(weight.grad))
+        return weights, grads
 
     @torch.no_grad()
     def set_masks(self, adapter_name: str, mask_a: torch.Tensor, mask_b_rows: torch.Tensor) -> None:
@@ -222,11 +224,15 @@ class RoseLoraLayer(LoraLayer):
         self.rose_masks_keep_all[adapter_name] = False
 
     def factors_and_masks(self, adapter_name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """``([lora_A weight, lora_B weight], [mask_A, mask_B])`` of ``adapter_name``."""
-        return (
-            [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight],
-            [self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]],
-        )
+        """``([A, B], [mask_A, mask_B])`` of ``adapter_name``, restricted to the rows this process holds under FSDP2
+        (views: masking them in place masks the parameters)."""
+        weights, masks = [], [self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]]
+        for index, weight in enumerate(self.factor_parameters(adapter_name)):
+            if sharding.is_sharded(weight):
+                masks[index] = masks[index][sharding.shard_rows(weight)]
+                self.rose_sharded = True
+            weights.append(sharding.local_tensor(weight))
+        return weights, masks
 
     def apply_masks(self, adapter_name: str, clamp_value: Optional[float] = None) -> None:
         """Zero the pruned entries of both factors in place (exactly, also NaN or inf), then clamp them to

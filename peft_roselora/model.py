@@ -11,7 +11,7 @@ from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
-from . import sparsity
+from . import sharding, sparsity
 from .config import RoseLoraConfig
 from .layer import Linear, RoseLoraLayer
 from .schedule import AdapterSchedule, ScheduleStateError, replay_last_keep_ratio, should_mask_gradients
@@ -132,6 +132,8 @@ class RoseLoraModel(LoraModel):
         super().__init__(*args, **kwargs)
         # one schedule state owner per RoseLoRA adapter (created on first use)
         self._rose_schedules: dict[str, AdapterSchedule] = {}
+        # collectives the schedule issued when FSDP2 shards the factors (not state: counters for benchmarks)
+        self.communication_stats = sharding.CommunicationStats()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -238,17 +240,25 @@ class RoseLoraModel(LoraModel):
             layers = self._rose_layers(name)
             if not layers:
                 raise RuntimeError(f"Adapter '{name}' has no RoseLoRA layers in this model.")
-            weights = [weight for _, layer in layers for weight in layer.factors_with_grads(name)]
-            schedule.check_new_gradients(weights[0].grad)
-            if should_mask_gradients(schedule.persistent, [layer.rose_masks_keep_all[name] for _, layer in layers]):
-                # pruned entries get no gradient: the optimizer sees grad * mask, exactly zero where pruned
-                masks = [mask for _, layer in layers for mask in layer.factors_and_masks(name)[1]]
-                sparsity.apply_masks_([w.grad for w in weights], masks)
-            schedule.remember_gradient(weights[0].grad)
-            if not schedule.importance_needed():
-                schedule.mark_importance_not_needed()
-                continue
-            finite = schedule.record_importance([module for module, _ in layers], weights, [w.grad for w in weights])
+            weights, grads, parameters = [], [], []
+            for _, layer in layers:
+                layer_weights, layer_grads = layer.factors_with_grads(name)
+                weights += layer_weights
+                grads += layer_grads
+                parameters += layer.factor_parameters(name)
+            with torch.no_grad():
+                schedule.check_new_gradients(grads[0])
+                if should_mask_gradients(schedule.persistent, [layer.rose_masks_keep_all[name] for _, layer in layers]):
+                    # pruned entries get no gradient: the optimizer sees grad * mask, exactly zero where pruned
+                    masks = [mask for _, layer in layers for mask in layer.factors_and_masks(name)[1]]
+                    sparsity.apply_masks_(grads, masks)
+                schedule.remember_gradient(grads[0])
+                if not schedule.importance_needed():
+                    schedule.mark_importance_not_needed()
+                    continue
+                finite = schedule.record_importance(
+                    [module for module, _ in layers], weights, grads, self._agreement(parameters)
+                )
             if not finite:
                 warnings.warn(
                     f"RoseLoRA adapter '{name}': non-finite gradients at step {schedule.step + 1}; the importance EMA "
@@ -303,15 +313,35 @@ class RoseLoraModel(LoraModel):
         for name in self._schedule_adapters(adapter_names):
             self.adapter_schedule(name).skip()
 
-    @staticmethod
+    def factors_sharded(self, adapter_name: str = "default") -> bool:
+        """Whether FSDP2 shards some factor of ``adapter_name`` (its parameters are ``DTensor``)."""
+        return any(
+            sharding.is_sharded(parameter)
+            for _, layer in self._rose_layers(adapter_name)
+            for parameter in layer.factor_parameters(adapter_name)
+        )
+
+    def _agreement(self, parameters: list[torch.Tensor]):
+        """The cross-process combination of a finiteness flag when FSDP2 shards some factor, else None."""
+        if not any(sharding.is_sharded(parameter) for parameter in parameters):
+            return None
+        return lambda flag: sharding.agree_all_true(flag, parameters, self.communication_stats)
+
     def _recompute_masks(
-        name: str, schedule: AdapterSchedule, layers: list[tuple[str, RoseLoraLayer]], keep_ratio: float
+        self, name: str, schedule: AdapterSchedule, layers: list[tuple[str, RoseLoraLayer]], keep_ratio: float
     ) -> None:
         """New masks for every layer: per row of ``lora_A`` and per column of ``lora_B`` the top
-        ``ceil(keep_ratio * n)`` entries by importance, same-shaped factors sharing one ``topk`` call."""
+        ``ceil(keep_ratio * n)`` entries by importance, same-shaped factors sharing one ``topk`` call. Under FSDP2
+        the sharded EMAs are gathered first (one collective), and every process selects the same whole masks."""
+        parameters = [parameter for _, layer in layers for parameter in layer.factor_parameters(name)]
+        importance = sharding.gather_full(
+            schedule.importance_of([module for module, _ in layers]), parameters, self.communication_stats
+        )
         scores, keeps = [], []
-        for module_name, layer in layers:
-            for score in schedule.selection_scores(module_name, layer.lora_mask_A[name], layer.lora_mask_B[name]):
+        for index, (_, layer) in enumerate(layers):
+            for score in schedule.selection_scores(
+                importance[2 * index], importance[2 * index + 1], layer.lora_mask_A[name], layer.lora_mask_B[name]
+            ):
                 scores.append(score)
                 keeps.append(sparsity.kept_count(keep_ratio, score.shape[1]))
         masks = sparsity.row_topk_masks(scores, keeps)
@@ -341,14 +371,22 @@ class RoseLoraModel(LoraModel):
     def schedule_state_dict(self) -> dict:
         """The schedule state of every RoseLoRA adapter (not in the adapter file): ``{"adapters": {name:
         AdapterSchedule.state_dict()}}``. ``register_optimizer_hooks`` and ``RoseLoraCallback`` make it travel
-        inside ``optimizer.state_dict()``, so whatever checkpoints the optimizer resumes RoseLoRA exactly."""
-        return {
-            "adapters": {
-                name: self.adapter_schedule(name).state_dict()
-                for name, config in self.peft_config.items()
-                if isinstance(config, RoseLoraConfig)
-            }
-        }
+        inside ``optimizer.state_dict()``, so whatever checkpoints the optimizer resumes RoseLoRA exactly. Under FSDP2
+        the EMAs of sharded factors are ``DTensor`` with the factors' layout (``torch.distributed.checkpoint`` saves
+        them sharded; ``get_optimizer_state_dict(..., full_state_dict=True)`` gathers them whole)."""
+        adapters = {}
+        for name, config in self.peft_config.items():
+            if not isinstance(config, RoseLoraConfig):
+                continue
+            schedule = self.adapter_schedule(name)
+            state = adapters[name] = schedule.state_dict()
+            for module_name, layer in self._rose_layers(name):
+                for factor, parameter in zip(("importance_A", "importance_B"), layer.factor_parameters(name)):
+                    if sharding.is_sharded(parameter) and module_name in state[factor]:
+                        # sharded like the factor: DCP saves it sharded, full-state-dict helpers gather it
+                        live = getattr(schedule, factor)[module_name]
+                        state[factor][module_name] = sharding.as_sharded_like(live.detach().clone(), parameter)
+        return {"adapters": adapters}
 
     def load_schedule_state_dict(self, state: dict) -> None:
         """Restore what :meth:`schedule_state_dict` returned.
@@ -367,9 +405,34 @@ class RoseLoraModel(LoraModel):
                     f"(adapters: {sorted(self.peft_config)})."
                 )
             layers = self._rose_layers(name)
-            shapes = {m: (layer.lora_A[name].weight.shape, layer.lora_B[name].weight.shape) for m, layer in layers}
-            devices = {m: layer.lora_A[name].weight.device for m, layer in layers}
+            adapter_state = self._local_rows_of_state(name, adapter_state, layers)
+            shapes, devices = {}, {}
+            for module_name, layer in layers:
+                weights = layer.factors_and_masks(name)[0]  # the rows this process holds
+                shapes[module_name] = (weights[0].shape, weights[1].shape)
+                devices[module_name] = weights[0].device
             self.adapter_schedule(name).load_state_dict(adapter_state, shapes, devices)
+
+    @staticmethod
+    def _local_rows_of_state(name: str, adapter_state: dict, layers: list[tuple[str, RoseLoraLayer]]) -> dict:
+        """Under FSDP2: the EMAs of a saved state (``DTensor``, whole, or local rows) cut to this process's rows."""
+        layers = dict(layers)
+        converted = dict(adapter_state)
+        for position, factor in enumerate(("importance_A", "importance_B")):
+            emas = adapter_state.get(factor)
+            if not isinstance(emas, dict):
+                continue
+            converted[factor] = dict(emas)
+            for module_name, value in emas.items():
+                layer = layers.get(module_name)
+                if layer is None or not isinstance(value, torch.Tensor):
+                    continue  # reported by AdapterSchedule.load_state_dict
+                parameter = layer.factor_parameters(name)[position]
+                if sharding.is_sharded(parameter):
+                    converted[factor][module_name] = sharding.local_rows_of(value, parameter)
+                elif sharding.is_sharded(value):
+                    converted[factor][module_name] = value.full_tensor()
+        return converted
 
     def roselora_state_dict(self) -> dict[str, torch.Tensor]:
         """Deprecated (0.1.0 format, removed in 0.3): flat tensors ``"<adapter>::step"``, ``"<adapter>::pending"``,
@@ -432,19 +495,32 @@ class RoseLoraModel(LoraModel):
     @torch.no_grad()
     def factor_density(self, adapter_name: Optional[str] = None) -> float:
         """Fraction of non-zero entries over all ``lora_A`` and ``lora_B`` factors of the adapter (cheap: no merged
-        deltas are formed; use :meth:`sparsity_report` for those)."""
+        deltas are formed; use :meth:`sparsity_report` for those). Under FSDP2 each process counts its rows and the
+        counts are summed (one ``all_reduce``: call it on every process)."""
         adapter_name = adapter_name or self.active_adapters[0]
         nonzeros = numel = 0
+        parameters = []
         for _, layer in self._rose_layers(adapter_name):
-            weight_a, weight_b = layer.masked_factors(adapter_name)
-            nonzeros += int(torch.count_nonzero(weight_a)) + int(torch.count_nonzero(weight_b))
-            numel += weight_a.numel() + weight_b.numel()
+            weights, masks = layer.factors_and_masks(adapter_name)
+            nonzeros += sum(int(torch.count_nonzero(weight * mask)) for weight, mask in zip(weights, masks))
+            parameters += layer.factor_parameters(adapter_name)
+            numel += sum(parameter.numel() for parameter in layer.factor_parameters(adapter_name))
+        nonzeros = sharding.sum_over_processes(nonzeros, parameters, self.communication_stats)
         return nonzeros / max(1, numel)
 
     @torch.no_grad()
-    def sparsity_report(self, adapter_name: Optional[str] = None) -> sparsity.SparsityReport:
+    def sparsity_report(
+        self, adapter_name: Optional[str] = None, support_only: bool = False
+    ) -> sparsity.SparsityReport:
         """Per adapted module and in total: factor non-zeros, keep ratio reached, merged-delta non-zeros and density,
-        and the ``r * tau^2`` bound (see ``peft_roselora.sparsity.SparsityReport``)."""
+        and the ``r * tau^2`` bound (see ``peft_roselora.sparsity.SparsityReport``).
+
+        Args:
+            adapter_name (str | None): the adapter (default: the first active one).
+            support_only (bool): measure the masks (the entries the factors may use) instead of the factors: no
+                collective under FSDP2, where measuring the factors gathers each of them (call it on every process
+                then). The counts are upper bounds of the factors' (an entry inside a mask can still be zero).
+        """
         if adapter_name is None:
             adapter_name = self.active_adapters[0]
         config = self.peft_config[adapter_name]
@@ -453,18 +529,19 @@ class RoseLoraModel(LoraModel):
         except ValueError:
             keep_ratio = None
         rows = []
-        for module_name, module in self.model.named_modules():
-            if isinstance(module, RoseLoraLayer) and adapter_name in module.lora_A:
+        for module_name, module in self._rose_layers(adapter_name):
+            if support_only:
+                weight_a = module.lora_mask_A[adapter_name].float()
+                weight_b = module.lora_mask_B[adapter_name].float()
+                delta = weight_b @ weight_a
+            else:
                 weight_a, weight_b = module.masked_factors(adapter_name)
-                rows.append(
-                    sparsity.module_sparsity(
-                        module_name,
-                        weight_a,
-                        weight_b,
-                        module.get_delta_weight(adapter_name),
-                        keep_ratio if keep_ratio is not None else config.keep_ratio,
-                    )
+                delta = module.get_delta_weight(adapter_name)
+            rows.append(
+                sparsity.module_sparsity(
+                    module_name, weight_a, weight_b, delta, keep_ratio if keep_ratio is not None else config.keep_ratio
                 )
+            )
         schedule = self.adapter_schedule(adapter_name)
         return sparsity.SparsityReport(
             adapter_name=adapter_name,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -189,14 +189,21 @@ class AdapterSchedule:
         self._last_gradient = (gradient, gradient._version)
 
     def record_importance(
-        self, module_names: list[str], weights: list[torch.Tensor], grads: list[torch.Tensor]
+        self,
+        module_names: list[str],
+        weights: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        agree: Optional[Callable[[bool], bool]] = None,
     ) -> bool:
         """Fold ``|w * g|`` of this step into the EMAs, unless a gradient or weight is not finite.
 
         Args:
             module_names (list[str]): one name per module; ``weights`` / ``grads`` hold ``[A, B]`` per module.
-            weights (list[Tensor]): the factors (``2 * len(module_names)`` of them).
-            grads (list[Tensor]): their gradients.
+            weights (list[Tensor]): the factors (``2 * len(module_names)`` of them), or the rows of them this process
+                holds under FSDP2 (the EMAs then hold the same rows).
+            grads (list[Tensor]): their gradients (the same rows).
+            agree (callable | None): combines the finiteness flag over processes (FSDP2), see
+                ``sparsity.update_importance_emas``.
 
         Returns:
             bool: whether the values were finite and the EMAs were updated (a non-finite step leaves every EMA as it
@@ -217,7 +224,7 @@ class AdapterSchedule:
                 if ema is not None and ema.device != weight.device:  # the model moved (model.to(device))
                     store[name] = ema = ema.to(weight.device)
                 previous.append(ema)
-        updated = sparsity.update_importance_emas(previous, weights, grads, self.config.importance_beta)
+        updated = sparsity.update_importance_emas(previous, weights, grads, self.config.importance_beta, agree)
         finite = updated is not None
         if finite:
             for index, name in enumerate(module_names):
@@ -294,12 +301,18 @@ class AdapterSchedule:
         self.check_step(step)
         self.step = int(step)
 
-    def selection_scores(self, module_name: str, mask_a: torch.Tensor, mask_b: torch.Tensor):
-        """Row-major scores of one module for the top-k: ``(r, in)`` for ``lora_A`` and ``(r, out)`` for the columns
-        of ``lora_B``."""
+    def importance_of(self, module_names: list[str]) -> list[torch.Tensor]:
+        """The EMAs ``[I_A, I_B]`` of each module in turn (the rows this process holds under FSDP2)."""
+        return [store[name] for name in module_names for store in (self.importance_A, self.importance_B)]
+
+    def selection_scores(
+        self, importance_a: torch.Tensor, importance_b: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-major scores of one module for the top-k, from its whole EMAs and masks: ``(r, in)`` for ``lora_A``
+        and ``(r, out)`` for the columns of ``lora_B``."""
         return (
-            selection_scores(self.importance_A[module_name], mask_a, self.persistent),
-            selection_scores(self.importance_B[module_name].T, mask_b.T, self.persistent),
+            selection_scores(importance_a, mask_a, self.persistent),
+            selection_scores(importance_b.T, mask_b.T, self.persistent),
         )
 
     def _check_not_pending(self, call: str) -> None:

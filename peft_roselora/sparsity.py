@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -88,7 +88,11 @@ def kept_count(keep_ratio: float, size: int) -> int:
 
 @torch.no_grad()
 def update_importance_emas(
-    importances: list[torch.Tensor | None], weights: list[torch.Tensor], grads: list[torch.Tensor], beta: float
+    importances: list[torch.Tensor | None],
+    weights: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    beta: float,
+    agree: Optional[Callable[[bool], bool]] = None,
 ) -> list[torch.Tensor] | None:
     """Smoothed sensitivity ``I_bar <- beta * I_bar + (1 - beta) * |w * g|`` for many factors at once
     (``docs/method.md``, "Importance"), unless some ``|w * g|`` is not finite.
@@ -102,6 +106,8 @@ def update_importance_emas(
         weights (list[Tensor]): the factors, any floating dtype, shapes ``(r, in)`` or ``(out, r)``.
         grads (list[Tensor]): their gradients, same shapes.
         beta (float): the EMA coefficient in ``[0, 1)``.
+        agree (callable | None): combines this process's finiteness flag with the other processes' when each holds
+            only some rows (FSDP2), so that all take the same decision; None for one process.
 
     Returns:
         list[Tensor] | None: the updated fp32 EMAs (the given tensors where they existed), in input order; ``None``
@@ -113,7 +119,10 @@ def update_importance_emas(
         sensitivity = torch._foreach_mul([weights[i].float() for i in indices], [grads[i].float() for i in indices])
         torch._foreach_abs_(sensitivity)
         sensitivities.append(sensitivity)
-    if not all_finite([tensor for group in sensitivities for tensor in group]):
+    finite = all_finite([tensor for group in sensitivities for tensor in group])
+    if agree is not None:
+        finite = agree(finite)
+    if not finite:
         return None
     result: list[torch.Tensor | None] = list(importances)
     for indices, sensitivity in zip(groups, sensitivities):
@@ -131,6 +140,7 @@ def update_importance_emas(
 @torch.no_grad()
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every entry of every tensor is finite (one ``foreach`` max-norm per device, one synchronisation)."""
+    tensors = [tensor for tensor in tensors if tensor.numel()]  # a process may hold no rows of a factor (FSDP2)
     if not tensors:
         return True
     norms = [norm.to(tensors[0].device) for norm in torch._foreach_norm(tensors, float("inf"))]

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from peft import PeftModel
 
+from . import sharding
 from .model import RoseLoraModel
 
 
@@ -58,6 +59,9 @@ def restore_schedule_from_optimizer(tuner: RoseLoraModel, optimizer) -> bool:
     """Move a schedule state found in ``optimizer.param_groups[0]`` (put there by ``load_state_dict``) into
     ``tuner``.
 
+    Under FSDP2 this is collective: a state that reached only the first process (a full optimizer state dict
+    broadcast by ``set_optimizer_state_dict``) is sent to all, and each keeps its rows of the EMAs.
+
     Returns:
         bool: whether a state was found and restored.
 
@@ -66,10 +70,22 @@ def restore_schedule_from_optimizer(tuner: RoseLoraModel, optimizer) -> bool:
     """
     groups = unwrap_optimizer(optimizer).param_groups
     state = groups[0].pop(OPTIMIZER_STATE_KEY, None) if groups else None
+    if tuner.factors_sharded():  # FSDP2: a full state dict may have reached the first process only
+        state = sharding.share_from_first_process(state, _active_factor_parameters(tuner), tuner.communication_stats)
     if state is None:
         return False
     tuner.load_schedule_state_dict(state)
     return True
+
+
+def _active_factor_parameters(tuner: RoseLoraModel) -> list[torch.Tensor]:
+    """``lora_A`` / ``lora_B`` weights of the active adapters, as registered (``DTensor`` under FSDP2)."""
+    return [
+        parameter
+        for name in tuner._schedule_adapters(None)
+        for _, layer in tuner._rose_layers(name)
+        for parameter in layer.factor_parameters(name)
+    ]
 
 
 @dataclass
@@ -160,12 +176,7 @@ def register_optimizer_hooks(model: torch.nn.Module, optimizer: torch.optim.Opti
             "again)."
         )
     optimized = {id(p) for group in inner.param_groups for p in group["params"]}
-    factors = [
-        weight
-        for name in tuner._schedule_adapters(None)
-        for _, layer in tuner._rose_layers(name)
-        for weight in (layer.lora_A[name].weight, layer.lora_B[name].weight)
-    ]
+    factors = _active_factor_parameters(tuner)
     if factors and not any(id(weight) in optimized for weight in factors):
         raise RuntimeError(
             "register_optimizer_hooks: the optimizer does not update the RoseLoRA factors of the active adapters; "

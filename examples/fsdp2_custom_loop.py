@@ -1,0 +1,191 @@
+"""RoseLoRA under FSDP2 (``torch.distributed.fsdp.fully_shard``) in a plain training loop, with checkpoints.
+
+    torchrun --nproc_per_node 2 examples/fsdp2_custom_loop.py --output-dir out/fsdp2          # 2 GPUs, or 2 CPU
+    python examples/fsdp2_custom_loop.py --output-dir out/single                               # one process, same run
+
+Every decoder layer and then the whole model are sharded with ``fully_shard``; ``register_optimizer_hooks`` drives
+the schedule exactly as in one process (the importance EMAs stay sharded like the factors; each mask selection
+gathers them once). The global batch is the same whatever the number of processes, so every run ends with the same
+masks and (to float rounding) the same factors: ``tests/test_fsdp2.py`` checks it for 1, 2 and 3 processes, and that
+a run stopped at ``--stop-at N`` and resumed with ``--resume`` ends where the uninterrupted one does, with sharded
+(``torch.distributed.checkpoint``) and full checkpoints.
+
+Writes ``<output-dir>/adapter.safetensors`` (the whole factors and masks, gathered) and ``result.json`` on rank 0,
+and ``masks_rank<k>.safetensors`` on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from peft import get_peft_model
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from peft_roselora import RoseLoraConfig, register_optimizer_hooks
+
+
+GLOBAL_BATCH = 6  # rows per optimizer step, split evenly over 1, 2 or 3 processes
+SEQUENCE = 12
+VOCAB = 128
+
+
+def build_model(args) -> torch.nn.Module:
+    torch.manual_seed(0)  # the same base model and initial adapter on every process
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=48,
+            intermediate_size=100,  # output rows that 2 and 3 processes do not divide evenly
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+        )
+    )
+    config = RoseLoraConfig(
+        r=5,
+        lora_alpha=10,
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        rank_pattern={"v_proj": 2},  # r=2: with 3 processes one holds no rows of lora_A
+        keep_ratio=args.keep_ratio,
+        prune_mode=args.prune_mode,
+        total_step=args.max_steps,
+        prune_start_step=2,
+        prune_end_step=args.max_steps - 2,
+        clamp_value=args.clamp_value,
+    )
+    return get_peft_model(model, config)
+
+
+def batch(step: int, rank: int, world: int) -> torch.Tensor:
+    rows = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQUENCE), generator=torch.Generator().manual_seed(1000 + step))
+    share = GLOBAL_BATCH // world
+    return rows[rank * share : (rank + 1) * share]
+
+
+def adapter_only(state: dict) -> dict:
+    return {key: value for key, value in state.items() if "lora_" in key}
+
+
+def save_checkpoint(model, optimizer, step: int, folder: Path, full: bool) -> None:
+    options = StateDictOptions(full_state_dict=full, cpu_offload=full)
+    state = {
+        "model": adapter_only(get_model_state_dict(model, options=options)),
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=options),  # carries the schedule state
+        "step": step,
+    }
+    if full:
+        if dist.get_rank() == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(state, folder / "checkpoint.pt")
+        dist.barrier()
+    else:
+        dcp.save(state, checkpoint_id=str(folder))
+
+
+def load_checkpoint(model, optimizer, folder: Path, full: bool) -> int:
+    if full:
+        state = torch.load(folder / "checkpoint.pt", weights_only=True)
+        options = StateDictOptions(full_state_dict=True, strict=False)
+    else:
+        state = {
+            "model": adapter_only(get_model_state_dict(model)),
+            "optimizer": get_optimizer_state_dict(model, optimizer),
+            "step": 0,
+        }
+        dcp.load(state, checkpoint_id=str(folder))
+        options = StateDictOptions(strict=False)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)  # restores the schedule
+    return int(state["step"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--max-steps", type=int, default=14)
+    parser.add_argument("--keep-ratio", type=float, default=0.3)
+    parser.add_argument("--prune-mode", choices=["reselect", "persistent"], default="reselect")
+    parser.add_argument("--clamp-value", type=float, default=None)
+    parser.add_argument("--stop-at", type=int, default=None, help="save a checkpoint after this step and exit")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    parser.add_argument("--checkpoint-dir", default=None, help="default: <output-dir>/checkpoint")
+    parser.add_argument("--full-checkpoint", action="store_true", help="full state dict on rank 0, not sharded DCP")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    args = parser.parse_args()
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed:  # one process: a process group of one, so that checkpoints use the same API
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    use_cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+
+    model = build_model(args).to(device)
+    if distributed:
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    register_optimizer_hooks(model, optimizer)
+
+    output = Path(args.output_dir)
+    checkpoint = Path(args.checkpoint_dir) if args.checkpoint_dir else output / "checkpoint"
+    start = load_checkpoint(model, optimizer, checkpoint, args.full_checkpoint) if args.resume else 0
+    last = args.stop_at if args.stop_at is not None else args.max_steps
+
+    model.train()
+    for step in range(start, last):
+        ids = batch(step, rank, world).to(device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()  # hooks: update_importance() before, prune_step() after
+        optimizer.zero_grad(set_to_none=True)
+    if args.stop_at is not None:
+        save_checkpoint(model, optimizer, last, checkpoint, args.full_checkpoint)
+
+    tuner = model.base_model
+    density = tuner.factor_density()  # collective under FSDP2
+    adapter = adapter_only(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+    output.mkdir(parents=True, exist_ok=True)
+    masks = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_mask" in k}
+    save_file(masks, output / f"masks_rank{rank}.safetensors")
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in adapter.items()}, output / "adapter.safetensors")
+        stats = tuner.communication_stats
+        result = {
+            "world_size": world,
+            "schedule_step": tuner.steps_taken(),
+            "keep_ratio": tuner.current_keep_ratio(),
+            "factor_density": density,
+            "collectives": stats.collectives,
+            "bytes_sent": stats.bytes_sent,
+            "bytes_received": stats.bytes_received,
+        }
+        (output / "result.json").write_text(json.dumps(result, indent=2))
+        print(f"world size {world}, schedule step {result['schedule_step']}, factor density {density:.4f}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
