@@ -166,7 +166,9 @@ def main() -> None:
 
     tuner = model.base_model
     density = tuner.factor_density()  # collective under FSDP2
-    adapter = adapter_only(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+    adapter = adapter_only(
+        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    )
     output.mkdir(parents=True, exist_ok=True)
     masks = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_mask" in k}
     save_file(masks, output / f"masks_rank{rank}.safetensors")
@@ -184,6 +186,7 @@ def main() -> None:
         }
         (output / "result.json").write_text(json.dumps(result, indent=2))
         print(f"world size {world}, schedule step {result['schedule_step']}, factor density {density:.4f}")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -140,6 +140,9 @@ def main() -> None:
         }
         Path(args.output_dir, "result.json").write_text(json.dumps(result, indent=2))
         print(f"world size {world}, FSDP {trainer.is_fsdp_enabled}, schedule step {tuner.steps_taken()}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 class StopAtFirstSave(TrainerCallback):

@@ -209,12 +209,31 @@ class RoseLoraLayer(LoraLayer):
                     f"RoseLoRA importance update for adapter '{adapter_name}' found no gradient on {factor}: call it "
                     "after loss.backward() and before optimizer.zero_grad() (and make sure the adapter is trainable)."
                 )
-            if sharding.is_sharded(weight):
-                sharding.shard_rows(weight)  # checks the layout
-                self.rose_sharded = True
+            self._factor_rows(adapter_name, factor, weight)
             weights.append(sharding.local_tensor(weight))
             grads.append(sharding.local_tensor(weight.grad))
         return weights, grads
+
+    def _factor_rows(self, adapter_name: str, factor: str, weight: torch.Tensor) -> Optional[slice]:
+        """The rows of ``weight`` this process holds: a slice for an FSDP2 shard (``DTensor``, ``Shard(0)``), None
+        for a whole factor. Factors that a wrapper has flattened or cut across rows are refused (FSDP1, whose
+        ``use_orig_params`` views are 1-D pieces of a flat shard).
+
+        Raises:
+            NotImplementedError: naming the factor, its shape and the expected one.
+        """
+        mask = (self.lora_mask_A if factor == "lora_A" else self.lora_mask_B)[adapter_name]
+        if sharding.is_sharded(weight):
+            self.rose_sharded = True
+            return sharding.shard_rows(weight)  # checks the layout
+        if weight.shape != mask.shape:
+            raise NotImplementedError(
+                f"RoseLoRA {factor} of adapter '{adapter_name}' has shape {tuple(weight.shape)}, expected "
+                f"{tuple(mask.shape)}: it was flattened or sharded across rows, as FSDP1 (FullyShardedDataParallel) "
+                "does. Use FSDP2 (torch.distributed.fsdp.fully_shard, or fsdp_config={'version': 2} in the Trainer); "
+                "see docs/training.md."
+            )
+        return None
 
     @torch.no_grad()
     def set_masks(self, adapter_name: str, mask_a: torch.Tensor, mask_b_rows: torch.Tensor) -> None:
@@ -227,10 +246,10 @@ class RoseLoraLayer(LoraLayer):
         """``([A, B], [mask_A, mask_B])`` of ``adapter_name``, restricted to the rows this process holds under FSDP2
         (views: masking them in place masks the parameters)."""
         weights, masks = [], [self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]]
-        for index, weight in enumerate(self.factor_parameters(adapter_name)):
-            if sharding.is_sharded(weight):
-                masks[index] = masks[index][sharding.shard_rows(weight)]
-                self.rose_sharded = True
+        for index, (factor, weight) in enumerate(zip(("lora_A", "lora_B"), self.factor_parameters(adapter_name))):
+            rows = self._factor_rows(adapter_name, factor, weight)
+            if rows is not None:
+                masks[index] = masks[index][rows]
             weights.append(sharding.local_tensor(weight))
         return weights, masks
 

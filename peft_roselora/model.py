@@ -248,7 +248,9 @@ class RoseLoraModel(LoraModel):
                 parameters += layer.factor_parameters(name)
             with torch.no_grad():
                 schedule.check_new_gradients(grads[0])
-                if should_mask_gradients(schedule.persistent, [layer.rose_masks_keep_all[name] for _, layer in layers]):
+                if should_mask_gradients(
+                    schedule.persistent, [layer.rose_masks_keep_all[name] for _, layer in layers]
+                ):
                     # pruned entries get no gradient: the optimizer sees grad * mask, exactly zero where pruned
                     masks = [mask for _, layer in layers for mask in layer.factors_and_masks(name)[1]]
                     sparsity.apply_masks_(grads, masks)

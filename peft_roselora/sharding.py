@@ -53,9 +53,9 @@ def _check_layout(weight: torch.Tensor) -> None:
     placements = tuple(weight.placements)
     if weight.device_mesh.ndim != 1 or placements != (Shard(0),):
         raise NotImplementedError(
-            f"RoseLoRA supports factors sharded by FSDP2 along dim 0 on a 1-D device mesh (placements (Shard(dim=0),)),"
-            f" got placements {placements} on a {weight.device_mesh.ndim}-D mesh (HSDP or tensor parallelism are not "
-            "supported)."
+            "RoseLoRA supports factors sharded by FSDP2 along dim 0 on a 1-D device mesh (placements "
+            f"(Shard(dim=0),)), got placements {placements} on a {weight.device_mesh.ndim}-D mesh (HSDP and tensor "
+            "parallelism are not supported)."
         )
 
 

@@ -129,15 +129,23 @@ def test_frozen_adapter_fails_loudly(tmp_path):
         trainer.train()
 
 
-@pytest.mark.parametrize("variable", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
-def test_deepspeed_and_fsdp_are_refused_at_train_begin(tmp_path, monkeypatch, variable):
+@pytest.mark.parametrize(
+    "environment, message",
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "RoseLoRA does not support DeepSpeed.*Use FSDP2"),
+        ({"ACCELERATE_USE_FSDP": "true"}, r"RoseLoRA does not support FSDP1.*Use FSDP2"),  # the launcher's default
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, r"RoseLoRA does not support FSDP1.*Use FSDP2"),
+    ],
+)
+def test_deepspeed_and_fsdp1_are_refused_at_train_begin(tmp_path, monkeypatch, environment, message):
     model = _model()
     before = copy.deepcopy(lora_state(model))
     trainer = Trainer(
         model=model, args=_args(tmp_path, max_steps=2), train_dataset=_dataset(), callbacks=[RoseLoraCallback()]
     )
-    monkeypatch.setenv(variable, "true")
-    with pytest.raises(UnsupportedSetupError, match="RoseLoRA does not support (DeepSpeed|FSDP)"):
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(UnsupportedSetupError, match=message):
         trainer.train()
     after = lora_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing trained
