@@ -1,17 +1,21 @@
-"""RoseLoRA under FSDP2 (``torch.distributed.fsdp.fully_shard``) in a plain training loop, with checkpoints.
+"""RoseLoRA under FSDP2 (``torch.distributed.fsdp.fully_shard``) or a DeepSpeed ZeRO engine, in a plain training
+loop, with checkpoints.
 
     torchrun --nproc_per_node 2 examples/fsdp2_custom_loop.py --output-dir out/fsdp2          # 2 GPUs, or 2 CPU
+    torchrun --nproc_per_node 2 examples/fsdp2_custom_loop.py --deepspeed 3 --output-dir out/z3   # ZeRO-3 engine
     python examples/fsdp2_custom_loop.py --output-dir out/single                               # one process, same run
 
-Every decoder layer and then the whole model are sharded with ``fully_shard``; ``register_optimizer_hooks`` drives
-the schedule exactly as in one process (the importance EMAs stay sharded like the factors; each mask selection
-gathers them once). The global batch is the same whatever the number of processes, so every run ends with the same
-masks and (to float rounding) the same factors: ``tests/test_fsdp2.py`` checks it for 1, 2 and 3 processes, and that
-a run stopped at ``--stop-at N`` and resumed with ``--resume`` ends where the uninterrupted one does, with sharded
-(``torch.distributed.checkpoint``) and full checkpoints.
+FSDP2: every decoder layer and then the whole model are sharded with ``fully_shard``; ``register_optimizer_hooks``
+drives the schedule exactly as in one process (the importance EMAs stay sharded like the factors; each mask
+selection gathers them once). DeepSpeed (``--deepspeed 1|2|3``): ``deepspeed.initialize`` builds a ZeRO engine and
+``register_optimizer_hooks(model, engine.optimizer)`` attaches the schedule to its step (``peft_roselora.zero``).
+The global batch is the same whatever the number of processes, so every run ends with the same masks and (to float
+rounding) the same factors: ``tests/test_fsdp2.py`` checks it for 1, 2 and 3 processes, and that a run stopped at
+``--stop-at N`` and resumed with ``--resume`` ends where the uninterrupted one does, with sharded
+(``torch.distributed.checkpoint``) and full checkpoints; ``tests/test_deepspeed.py`` checks ZeRO-1/2/3.
 
-Writes ``<output-dir>/adapter.safetensors`` (the whole factors and masks, gathered) and ``result.json`` on rank 0,
-and ``masks_rank<k>.safetensors`` on every rank.
+Writes ``<output-dir>/adapter.safetensors`` (the masked factors and masks, gathered whole) and ``result.json`` on
+rank 0, and ``masks_rank<k>.safetensors`` on every rank.
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", default=None, help="default: <output-dir>/checkpoint")
     parser.add_argument("--full-checkpoint", action="store_true", help="full state dict on rank 0, not sharded DCP")
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--deepspeed", type=int, choices=[1, 2, 3], default=None, help="a ZeRO engine, not FSDP2")
     args = parser.parse_args()
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -142,38 +147,58 @@ def main() -> None:
         torch.cuda.set_device(device)
 
     model = build_model(args).to(device)
-    if distributed:
+    if distributed and args.deepspeed is None:
         for layer in model.base_model.model.model.layers:
             fully_shard(layer)
         fully_shard(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    register_optimizer_hooks(model, optimizer)
+    engine = None
+    if args.deepspeed is not None:
+        import deepspeed
+
+        config = {
+            "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": args.deepspeed},
+        }
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    register_optimizer_hooks(model, optimizer)  # with DeepSpeed: engine.optimizer, the ZeRO optimizer
 
     output = Path(args.output_dir)
     checkpoint = Path(args.checkpoint_dir) if args.checkpoint_dir else output / "checkpoint"
-    start = load_checkpoint(model, optimizer, checkpoint, args.full_checkpoint) if args.resume else 0
+    if engine is not None and args.resume:  # DeepSpeed's own checkpoint; the optimizer state carries the schedule
+        _, client_state = engine.load_checkpoint(str(checkpoint), tag="latest-roselora")
+        start = int(client_state["step"])
+    elif args.resume:
+        start = load_checkpoint(model, optimizer, checkpoint, args.full_checkpoint)
+    else:
+        start = 0
     last = args.stop_at if args.stop_at is not None else args.max_steps
 
     model.train()
     for step in range(start, last):
         ids = batch(step, rank, world).to(device)
+        if engine is not None:
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()  # the schedule runs around the ZeRO optimizer's step
+            continue
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()  # hooks: update_importance() before, prune_step() after
         optimizer.zero_grad(set_to_none=True)
-    if args.stop_at is not None:
+    if args.stop_at is not None and engine is not None:
+        engine.save_checkpoint(str(checkpoint), tag="latest-roselora", client_state={"step": last})
+    elif args.stop_at is not None:
         save_checkpoint(model, optimizer, last, checkpoint, args.full_checkpoint)
 
     tuner = model.base_model
-    density = tuner.factor_density()  # collective under FSDP2
-    adapter = adapter_only(
-        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    )
+    density = tuner.factor_density()  # collective under FSDP2 and ZeRO
+    adapter = tuner.masked_adapter_state()  # gathered whole: collective too
     output.mkdir(parents=True, exist_ok=True)
-    masks = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_mask" in k}
+    masks = {key: value for key, value in adapter.items() if "lora_mask" in key}
     save_file(masks, output / f"masks_rank{rank}.safetensors")
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in adapter.items()}, output / "adapter.safetensors")
+        save_file(adapter, output / "adapter.safetensors")
         stats = tuner.communication_stats
         result = {
             "world_size": world,

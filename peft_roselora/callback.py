@@ -12,7 +12,14 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .model import RoseLoraModel
-from .training import attach_schedule_state, get_roselora_model, restore_schedule_from_optimizer, unwrap_optimizer
+from . import zero
+from .training import (
+    attach_schedule_state,
+    get_roselora_model,
+    register_optimizer_hooks,
+    restore_schedule_from_optimizer,
+    unwrap_optimizer,
+)
 
 
 # the schedule state file of 0.1.0 checkpoints (now the state travels in the optimizer's state dict)
@@ -35,8 +42,10 @@ class RoseLoraCallback(TrainerCallback):
     - ``on_train_begin``: resolves ``total_step`` from the Trainer's ``max_steps`` if the config leaves it unset
       (``prune_start_step`` / ``prune_end_step`` given as fractions resolve against it: defaults 10 % and 80 %),
       makes the optimizer's state dict carry the schedule state (so every Trainer checkpoint holds it), restores it
-      when the run resumes (the Trainer has loaded the optimizer by then), and refuses FSDP1 and DeepSpeed (FSDP2
-      is supported: the importance EMAs stay sharded like the factors, see ``peft_roselora.sharding``).
+      when the run resumes (the Trainer has loaded the optimizer by then), and refuses FSDP1 (FSDP2 is supported:
+      the importance EMAs stay sharded like the factors, see ``peft_roselora.sharding``). Under DeepSpeed, whose
+      engine steps inside ``backward()``, it attaches the schedule to the engine's optimizer instead (ZeRO: see
+      ``peft_roselora.zero``) and the two optimizer events below only check the step count.
     - ``on_pre_optimizer_step`` (gradients present, accumulated and clipped): ``update_importance()``, on unscaled
       gradients under fp16 mixed precision.
     - ``on_optimizer_step``: ``prune_step()``, once per optimizer step, also with gradient accumulation; a step the
@@ -50,7 +59,7 @@ class RoseLoraCallback(TrainerCallback):
             the folder to read it from.
 
     Raises:
-        UnsupportedSetupError: at train begin under FSDP1 or DeepSpeed.
+        UnsupportedSetupError: at train begin under FSDP1.
         RuntimeError: in the first optimizer step if the adapter has no gradients (e.g. frozen by mistake), or when
             the schedule and the Trainer disagree on the step (the schedule is driven twice).
     """
@@ -58,6 +67,7 @@ class RoseLoraCallback(TrainerCallback):
     def __init__(self, resume_from_checkpoint: Optional[str] = None) -> None:
         self.optimizer_steps = 0  # optimizer steps this callback drove in this process (for tests and sanity)
         self.resume_from_checkpoint = resume_from_checkpoint
+        self._engine_hooks = None  # under DeepSpeed: the schedule attached to the engine's optimizer
 
     @classmethod
     def attach(cls, trainer, **kwargs) -> RoseLoraCallback:
@@ -95,8 +105,17 @@ class RoseLoraCallback(TrainerCallback):
                 )
         if optimizer is None:
             raise UnsupportedSetupError("RoseLoraCallback received no optimizer at train begin.")
-        attach_schedule_state(model, optimizer)
-        restored = restore_schedule_from_optimizer(tuner, optimizer)
+        self._engine_hooks = None
+        if _deepspeed_enabled(args):
+            # DeepSpeed steps inside accelerator.backward(): the Trainer's optimizer events come after the step, so the
+            # schedule is attached to the engine's optimizer itself (ZeRO: its step wrapped; otherwise step hooks)
+            self._engine_hooks = register_optimizer_hooks(model, optimizer)
+            state_owner = zero.find_zero_optimizer(optimizer)
+            state_owner = state_owner.optimizer if state_owner is not None else optimizer
+        else:
+            attach_schedule_state(model, optimizer)
+            state_owner = optimizer
+        restored = restore_schedule_from_optimizer(tuner, state_owner)
         if state.global_step > 0:
             if not restored:
                 self._restore_legacy(tuner, args, state)
@@ -132,24 +151,36 @@ class RoseLoraCallback(TrainerCallback):
     # ---- the step ----------------------------------------------------------------------------------------------
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
+        if self._engine_hooks is not None:  # DeepSpeed: driven from the engine's optimizer step
+            return
         self._loss_scale_before = _unscale_gradients(optimizer)
         get_roselora_model(model).update_importance()
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
         tuner = get_roselora_model(model)
+        # global_step is the 0-based index of this step; under DeepSpeed the engine has already run it
+        expected_step = state.global_step + (1 if self._engine_hooks is not None else 0)
         for name in tuner.active_adapters:
             schedule = tuner.adapter_schedule(name)
-            if schedule.step + schedule.skipped_steps != state.global_step:  # global_step: 0-based index of this step
+            if schedule.step + schedule.skipped_steps != expected_step:
                 raise RuntimeError(
                     f"RoseLoRA schedule of adapter '{name}' is at step {schedule.step} (+{schedule.skipped_steps} "
                     f"skipped) but the Trainer is at optimizer step {state.global_step}: is the schedule also driven "
                     "elsewhere (optimizer hooks)?"
                 )
+        if self._engine_hooks is not None:
+            self.optimizer_steps += 1
+            return
         if _step_was_skipped(optimizer, getattr(self, "_loss_scale_before", None)):
             tuner.skip_step()
         else:
             tuner.prune_step()
         self.optimizer_steps += 1
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        if getattr(self, "_engine_hooks", None) is not None:
+            self._engine_hooks.remove()
+            self._engine_hooks = None
 
     # ---- logs --------------------------------------------------------------------------------------------------
 
@@ -205,13 +236,13 @@ def _step_was_skipped(optimizer, loss_scale_before: Optional[float]) -> bool:
     return loss_scale_before is not None and scaler is not None and scaler.get_scale() < loss_scale_before
 
 
+def _deepspeed_enabled(args: TrainingArguments) -> bool:
+    return bool(getattr(args, "deepspeed", None)) or (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    )
+
+
 def _refuse_unsupported_setups(args: TrainingArguments, model) -> None:
-    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise UnsupportedSetupError(
-            "RoseLoRA does not support DeepSpeed: under accelerate the optimizer step runs inside backward(), so the "
-            "callback sees no gradients and the sparsity schedule cannot run. Use FSDP2 (fsdp_config={'version': 2}, "
-            "or `fsdp_version: 2` in the accelerate config) to shard the model, or DDP; see docs/training.md."
-        )
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     # the FSDP version: the training arguments' (transformers defaults to 2), else the launcher's (accelerate: 1)

@@ -24,7 +24,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
 
-from . import sharding, sparsity
+from . import sharding, sparsity, zero
 
 
 # training forward passes of an adapter whose schedule never ran before RoseLoRA warns that this is plain LoRA
@@ -140,14 +140,20 @@ class RoseLoraLayer(LoraLayer):
         unless they were modified in place since they were last masked, as by an optimizer step not followed by
         ``prune_step()``. Fused optimizers bypass the version counters this relies on; the schedule's
         ``prune_step()`` after every optimizer step keeps the factors masked regardless."""
-        if self.rose_masks_keep_all[adapter_name] or self.rose_masked_versions.get(
-            adapter_name
-        ) == self._factor_versions(adapter_name):
+        if self.rose_masks_keep_all[adapter_name]:
             return
         if getattr(self, "rose_sharded", False):
             # FSDP2: the forward sees an all-gathered copy of the factors; their shards are masked by prune_step()
             return
-        self.apply_masks(adapter_name)
+        if not getattr(self, "rose_zero3", False) and self.rose_masked_versions.get(
+            adapter_name
+        ) == self._factor_versions(adapter_name):
+            return
+        # the tensors the forward uses (under ZeRO-3 gathered for this forward only: masked every time)
+        sparsity.apply_masks_(
+            self.factor_parameters(adapter_name), [self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]]
+        )
+        self.mark_masked(adapter_name)
 
     def count_unscheduled_forward(self) -> None:
         """Count a training forward pass of an adapter whose importance was never updated; warn at the 20th."""
@@ -165,9 +171,14 @@ class RoseLoraLayer(LoraLayer):
     @torch.no_grad()
     def masked_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The masked factors of ``adapter_name`` (no gradient): ``(A * mask_A, B * mask_B)``, shapes ``(r, in)`` and
-        ``(out, r)``. Under FSDP2 the factors are gathered whole first (a collective: call it on every process)."""
+        ``(out, r)``. Under FSDP2 and DeepSpeed ZeRO the factors are gathered whole first (a collective: call it on
+        every process)."""
         weight_a, weight_b = (
-            weight.full_tensor() if sharding.is_sharded(weight) else weight
+            weight.full_tensor()
+            if sharding.is_sharded(weight)
+            else zero.full_weight(weight)
+            if zero.is_zero_parameter(weight)
+            else weight
             for weight in self.factor_parameters(adapter_name)
         )
         return weight_a * self.lora_mask_A[adapter_name], weight_b * self.lora_mask_B[adapter_name]
@@ -192,26 +203,37 @@ class RoseLoraLayer(LoraLayer):
         return [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
 
     def factors_with_grads(self, adapter_name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The rows of ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` this process holds (all rows unless FSDP2
-        shards them), and the same rows of their gradients.
+        """The factors ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` as the schedule works on them, and their
+        gradients: the parameters themselves; under FSDP2 the rows this process holds; under DeepSpeed ZeRO whole
+        fp32 copies (collective; write changes back with :meth:`commit_gradients` / :meth:`commit_factors`).
 
         Returns:
-            tuple: ``([A, B], [grad A, grad B])``, plain tensors sharing storage with the parameters and gradients.
+            tuple: ``([A, B], [grad A, grad B])``.
 
         Raises:
             RuntimeError: if a factor has no gradient.
-            NotImplementedError: if a factor is sharded other than by FSDP2 along dim 0 on a 1-D mesh.
+            NotImplementedError: if a factor is sharded other than by FSDP2 along dim 0 on a 1-D mesh, or flattened
+                (FSDP1).
         """
         weights, grads = [], []
         for factor, weight in zip(("lora_A", "lora_B"), self.factor_parameters(adapter_name)):
-            if weight.grad is None:
+            if zero.is_zero_parameter(weight):
+                self._note_zero(weight)
+                grad = zero.full_gradient(weight)
+            else:
+                self._factor_rows(adapter_name, factor, weight)
+                grad = weight.grad
+            if grad is None:
                 raise RuntimeError(
                     f"RoseLoRA importance update for adapter '{adapter_name}' found no gradient on {factor}: call it "
                     "after loss.backward() and before optimizer.zero_grad() (and make sure the adapter is trainable)."
                 )
-            self._factor_rows(adapter_name, factor, weight)
-            weights.append(sharding.local_tensor(weight))
-            grads.append(sharding.local_tensor(weight.grad))
+            if zero.is_zero_parameter(weight):
+                weights.append(zero.full_weight(weight))
+                grads.append(grad)
+            else:
+                weights.append(sharding.local_tensor(weight))
+                grads.append(sharding.local_tensor(grad))
         return weights, grads
 
     def _factor_rows(self, adapter_name: str, factor: str, weight: torch.Tensor) -> Optional[slice]:
@@ -235,6 +257,36 @@ class RoseLoraLayer(LoraLayer):
             )
         return None
 
+    def _note_zero(self, weight: torch.Tensor) -> None:
+        self.rose_zero = True
+        self.rose_zero3 = zero.is_zero_stage3(weight)
+
+    def commit_factors(self, adapter_name: str, weights: list[torch.Tensor]) -> None:
+        """Write factors changed by the schedule (``[A, B]`` from :meth:`factors_and_masks`) back where the
+        optimizer keeps them: a no-op for parameters and FSDP2 shards (changed in place), the fp32 masters under
+        DeepSpeed ZeRO."""
+        for weight, value in zip(self.factor_parameters(adapter_name), weights):
+            if zero.is_zero_parameter(weight):
+                zero.set_full_weight(weight, value)
+
+    def commit_gradients(self, adapter_name: str, grads: list[torch.Tensor]) -> None:
+        """Write gradients changed by the schedule (persistent mode) back: a no-op except under DeepSpeed ZeRO."""
+        for weight, value in zip(self.factor_parameters(adapter_name), grads):
+            if zero.is_zero_parameter(weight):
+                zero.set_full_gradient(weight, value)
+
+    def local_factor_shapes(self, adapter_name: str) -> tuple[torch.Size, torch.Size]:
+        """Shapes of ``[A, B]`` as the schedule holds them (the local rows under FSDP2, else whole)."""
+        shapes = []
+        for factor, weight, mask in zip(
+            ("lora_A", "lora_B"),
+            self.factor_parameters(adapter_name),
+            (self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]),
+        ):
+            rows = None if zero.is_zero_parameter(weight) else self._factor_rows(adapter_name, factor, weight)
+            shapes.append(mask[rows].shape if rows is not None else mask.shape)
+        return shapes[0], shapes[1]
+
     @torch.no_grad()
     def set_masks(self, adapter_name: str, mask_a: torch.Tensor, mask_b_rows: torch.Tensor) -> None:
         """Store new masks: ``mask_a`` ``(r, in)`` and ``mask_b_rows`` ``(r, out)`` (the columns of ``lora_B``)."""
@@ -244,9 +296,14 @@ class RoseLoraLayer(LoraLayer):
 
     def factors_and_masks(self, adapter_name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``([A, B], [mask_A, mask_B])`` of ``adapter_name``, restricted to the rows this process holds under FSDP2
-        (views: masking them in place masks the parameters)."""
+        (views: masking them in place masks the parameters); under DeepSpeed ZeRO ``A`` and ``B`` are whole fp32
+        copies (collective), to be written back with :meth:`commit_factors`."""
         weights, masks = [], [self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]]
         for index, (factor, weight) in enumerate(zip(("lora_A", "lora_B"), self.factor_parameters(adapter_name))):
+            if zero.is_zero_parameter(weight):  # a whole fp32 copy: commit_factors() writes it back
+                self._note_zero(weight)
+                weights.append(zero.full_weight(weight))
+                continue
             rows = self._factor_rows(adapter_name, factor, weight)
             if rows is not None:
                 masks[index] = masks[index][rows]
@@ -256,7 +313,9 @@ class RoseLoraLayer(LoraLayer):
     def apply_masks(self, adapter_name: str, clamp_value: Optional[float] = None) -> None:
         """Zero the pruned entries of both factors in place (exactly, also NaN or inf), then clamp them to
         ``[-clamp_value, clamp_value]``."""
-        sparsity.apply_masks_(*self.factors_and_masks(adapter_name), clamp_value)
+        weights, masks = self.factors_and_masks(adapter_name)
+        sparsity.apply_masks_(weights, masks, clamp_value)
+        self.commit_factors(adapter_name, weights)
         self.mark_masked(adapter_name)
 
     def mark_masked(self, adapter_name: str) -> None:

@@ -254,6 +254,8 @@ class RoseLoraModel(LoraModel):
                     # pruned entries get no gradient: the optimizer sees grad * mask, exactly zero where pruned
                     masks = [mask for _, layer in layers for mask in layer.factors_and_masks(name)[1]]
                     sparsity.apply_masks_(grads, masks)
+                    for index, (_, layer) in enumerate(layers):
+                        layer.commit_gradients(name, grads[2 * index : 2 * index + 2])
                 schedule.remember_gradient(grads[0])
                 if not schedule.importance_needed():
                     schedule.mark_importance_not_needed()
@@ -303,7 +305,8 @@ class RoseLoraModel(LoraModel):
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            for _, layer in layers:
+            for index, (_, layer) in enumerate(layers):
+                layer.commit_factors(name, weights[2 * index : 2 * index + 2])
                 layer.mark_masked(name)
             ratios[name] = plan.keep_ratio
         return ratios
@@ -408,11 +411,8 @@ class RoseLoraModel(LoraModel):
                 )
             layers = self._rose_layers(name)
             adapter_state = self._local_rows_of_state(name, adapter_state, layers)
-            shapes, devices = {}, {}
-            for module_name, layer in layers:
-                weights = layer.factors_and_masks(name)[0]  # the rows this process holds
-                shapes[module_name] = (weights[0].shape, weights[1].shape)
-                devices[module_name] = weights[0].device
+            shapes = {module_name: layer.local_factor_shapes(name) for module_name, layer in layers}
+            devices = {module_name: layer.lora_mask_A[name].device for module_name, layer in layers}
             self.adapter_schedule(name).load_state_dict(adapter_state, shapes, devices)
 
     @staticmethod
@@ -493,6 +493,21 @@ class RoseLoraModel(LoraModel):
         self.load_schedule_state_dict({"adapters": converted})
 
     # ---- reporting ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def masked_adapter_state(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """The adapter as its users see it, whole: ``<module>.lora_A`` ``(r, in)`` and ``<module>.lora_B``
+        ``(out, r)`` multiplied by their masks, and ``<module>.lora_mask_A`` / ``lora_mask_B``, on CPU. Under FSDP2 and
+        DeepSpeed ZeRO the factors are gathered first (collective: call it on every process), so it is the way to
+        compare or inspect a sharded adapter exactly."""
+        state = {}
+        for module_name, layer in self._rose_layers(adapter_name):
+            weight_a, weight_b = layer.masked_factors(adapter_name)
+            state[f"{module_name}.lora_A"] = weight_a.detach().cpu().contiguous()
+            state[f"{module_name}.lora_B"] = weight_b.detach().cpu().contiguous()
+            state[f"{module_name}.lora_mask_A"] = layer.lora_mask_A[adapter_name].cpu().contiguous()
+            state[f"{module_name}.lora_mask_B"] = layer.lora_mask_B[adapter_name].cpu().contiguous()
+        return state
 
     @torch.no_grad()
     def factor_density(self, adapter_name: Optional[str] = None) -> float:

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from peft import PeftModel
 
-from . import sharding
+from . import sharding, zero
 from .model import RoseLoraModel
 
 
@@ -129,17 +129,15 @@ def attach_schedule_state(model: torch.nn.Module, optimizer) -> ScheduleStateHoo
 class OptimizerHooksHandle:
     """Handle returned by :func:`register_optimizer_hooks`; ``remove()`` detaches every hook."""
 
-    pre_hook: torch.utils.hooks.RemovableHandle
-    post_hook: torch.utils.hooks.RemovableHandle
-    state_hooks: ScheduleStateHooksHandle
-    optimizer: Optional[torch.optim.Optimizer] = None
+    handles: list
+    owner: Optional[object] = None  # the object marked as driven (a torch optimizer or a DeepSpeed ZeRO optimizer)
 
     def remove(self) -> None:
-        self.pre_hook.remove()
-        self.post_hook.remove()
-        self.state_hooks.remove()
-        if self.optimizer is not None:
-            self.optimizer.__dict__.pop("_roselora_step_hooks", None)
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        if self.owner is not None:
+            self.owner.__dict__.pop("_roselora_step_hooks", None)
 
 
 def register_optimizer_hooks(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> OptimizerHooksHandle:
@@ -148,7 +146,9 @@ def register_optimizer_hooks(model: torch.nn.Module, optimizer: torch.optim.Opti
 
     Before the step: ``update_importance()`` (weights and gradients as the optimizer sees them). After it:
     ``prune_step()``. Works with gradient accumulation (hooks fire once per optimizer step) and with ``accelerate``
-    (pass the prepared optimizer). A step that ``GradScaler`` skips runs neither hook. ``optimizer.state_dict()``
+    (pass the prepared optimizer). A step that ``GradScaler`` skips runs neither hook. With a DeepSpeed engine pass
+    ``engine.optimizer``: DeepSpeed has no step hooks, so the ZeRO optimizer's ``step`` is wrapped instead
+    (``peft_roselora.zero.wrap_zero_step``; a step DeepSpeed skips on overflow runs ``skip_step()``). ``optimizer.state_dict()``
     then holds the schedule state (step, importance EMAs, counters) and ``optimizer.load_state_dict()`` restores it,
     so checkpointing the optimizer (``torch.save``, accelerate ``save_state``) is enough to resume exactly.
 
@@ -168,13 +168,25 @@ def register_optimizer_hooks(model: torch.nn.Module, optimizer: torch.optim.Opti
             RoseLoRA factors of the active adapters.
     """
     tuner = get_roselora_model(model)
-    inner = unwrap_optimizer(optimizer)
+    zero_optimizer = zero.find_zero_optimizer(optimizer)
+    inner = zero_optimizer if zero_optimizer is not None else unwrap_optimizer(optimizer)
     if getattr(inner, "_roselora_step_hooks", None) is not None:
         raise RuntimeError(
             "RoseLoRA optimizer hooks are already registered on this optimizer: a second registration would advance "
             "the schedule twice per step. Keep the first one (or call .remove() on its handle before registering "
             "again)."
         )
+    if zero_optimizer is not None:
+        # DeepSpeed ZeRO: no step hooks, and the wrapped torch optimizer steps once per parameter group
+        handle = OptimizerHooksHandle(
+            [
+                zero.wrap_zero_step(zero_optimizer, tuner.update_importance, tuner.prune_step, tuner.skip_step),
+                attach_schedule_state(model, zero_optimizer.optimizer),
+            ],
+            owner=zero_optimizer,
+        )
+        zero_optimizer._roselora_step_hooks = handle
+        return handle
     optimized = {id(p) for group in inner.param_groups for p in group["params"]}
     factors = _active_factor_parameters(tuner)
     if factors and not any(id(weight) in optimized for weight in factors):
@@ -190,10 +202,12 @@ def register_optimizer_hooks(model: torch.nn.Module, optimizer: torch.optim.Opti
         tuner.prune_step()
 
     handle = OptimizerHooksHandle(
-        pre_hook=inner.register_step_pre_hook(before_step),
-        post_hook=inner.register_step_post_hook(after_step),
-        state_hooks=attach_schedule_state(model, inner),
-        optimizer=inner,
+        [
+            inner.register_step_pre_hook(before_step),
+            inner.register_step_post_hook(after_step),
+            attach_schedule_state(model, inner),
+        ],
+        owner=inner,
     )
     inner._roselora_step_hooks = handle
     return handle

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import peft_roselora  # noqa: F401  (registers RoseLoRA with PEFT)
@@ -133,3 +139,49 @@ def tiny_llama():
 @pytest.fixture
 def tiny_gpt2():
     return make_tiny_gpt2()
+
+
+# ---- real multi-process runs of the examples (FSDP2, DeepSpeed) ------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_example(script: Path, processes: int, output: Path, *options: str) -> dict:
+    """Run ``script`` in ``processes`` processes (plain python for one) and return its result.json."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port())}
+    if processes == 1:
+        env.pop("WORLD_SIZE", None)
+        command = [sys.executable, str(script)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        command += ["--master_addr", "127.0.0.1", "--master_port", env["MASTER_PORT"], str(script)]
+    command += ["--output-dir", str(output), *options]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return json.loads((output / "result.json").read_text())
+
+
+def assert_same_masked_adapter(actual_dir: Path, expected_dir: Path, atol: float = 1e-5) -> None:
+    """Masks identical, factors within ``atol`` (the issue's criterion)."""
+    actual = load_file(actual_dir / "adapter.safetensors")
+    expected = load_file(expected_dir / "adapter.safetensors")
+    assert actual.keys() == expected.keys()
+    assert any("lora_mask_B" in key for key in expected)
+    for key in expected:
+        if "lora_mask" in key:
+            assert torch.equal(actual[key], expected[key]), key
+        else:
+            assert torch.allclose(actual[key], expected[key], atol=atol, rtol=0), key
+
+
+def assert_every_rank_has_the_same_masks(output: Path, processes: int) -> None:
+    first = load_file(output / "masks_rank0.safetensors")
+    for rank in range(1, processes):
+        other = load_file(output / f"masks_rank{rank}.safetensors")
+        assert all(torch.equal(first[key], other[key]) for key in first)

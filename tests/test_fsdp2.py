@@ -3,67 +3,27 @@ Trainer, also across a checkpoint and resume; and the sharding helpers and refus
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import make_tiny_llama, random_batch, token_dataset, trainer_args
+from conftest import (
+    EXAMPLES,
+    assert_every_rank_has_the_same_masks,
+    assert_same_masked_adapter,
+    free_port,
+    make_tiny_llama,
+    random_batch,
+    run_example,
+    token_dataset,
+    trainer_args,
+)
 from peft import get_peft_model
-from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from peft_roselora import RoseLoraCallback, RoseLoraConfig, RoseLoraLayer, UnsupportedSetupError, sharding
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CUSTOM_LOOP = EXAMPLES / "fsdp2_custom_loop.py"
-TRAINER = EXAMPLES / "trainer_fsdp2.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run(script: Path, processes: int, output: Path, *options: str) -> dict:
-    """Run ``script`` in ``processes`` processes (plain python for one) and return its result.json."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(_free_port())}
-    if processes == 1:
-        env.pop("WORLD_SIZE", None)
-        command = [sys.executable, str(script)]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-        command += ["--master_addr", "127.0.0.1", "--master_port", env["MASTER_PORT"], str(script)]
-    command += ["--output-dir", str(output), *options]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return json.loads((output / "result.json").read_text())
-
-
-def _assert_same_adapter(actual_dir: Path, expected_dir: Path, atol: float = 1e-5) -> None:
-    """Masks identical, factors within ``atol`` (the issue's criterion)."""
-    actual = load_file(actual_dir / "adapter.safetensors")
-    expected = load_file(expected_dir / "adapter.safetensors")
-    assert actual.keys() == expected.keys()
-    assert any("lora_mask_B" in key for key in expected)
-    for key in expected:
-        if "lora_mask" in key:
-            assert torch.equal(actual[key], expected[key]), key
-        else:
-            assert torch.allclose(actual[key], expected[key], atol=atol, rtol=0), key
-
-
-def _assert_every_rank_has_the_same_masks(output: Path, processes: int) -> None:
-    first = load_file(output / "masks_rank0.safetensors")
-    for rank in range(1, processes):
-        other = load_file(output / f"masks_rank{rank}.safetensors")
-        assert all(torch.equal(first[key], other[key]) for key in first)
+TRAINER = EXAMPLES / "trainer_sharded.py"
 
 
 # ---- custom loop ----------------------------------------------------------------------------------------------------
@@ -73,8 +33,8 @@ def _assert_every_rank_has_the_same_masks(output: Path, processes: int) -> None:
 def one_process(tmp_path_factory):
     """The one-process runs every sharded run is compared with."""
     root = tmp_path_factory.mktemp("fsdp2_reference")
-    _run(CUSTOM_LOOP, 1, root / "reselect")
-    _run(CUSTOM_LOOP, 1, root / "persistent", "--prune-mode", "persistent", "--clamp-value", "0.05")
+    run_example(CUSTOM_LOOP, 1, root / "reselect")
+    run_example(CUSTOM_LOOP, 1, root / "persistent", "--prune-mode", "persistent", "--clamp-value", "0.05")
     return root
 
 
@@ -82,17 +42,17 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("processes", [2, 3])
 def test_custom_loop_under_fsdp2_equals_one_process(tmp_path, one_process, processes):
     # 3 processes: r=5 and 48/100 output rows split unevenly; v_proj has r=2, so one process holds no row of lora_A
-    result = _run(CUSTOM_LOOP, processes, tmp_path)
+    result = run_example(CUSTOM_LOOP, processes, tmp_path)
     assert result["world_size"] == processes and result["schedule_step"] == 14
     assert result["collectives"] > 0 and result["bytes_received"] > 0
-    _assert_same_adapter(tmp_path, one_process / "reselect")
-    _assert_every_rank_has_the_same_masks(tmp_path, processes)
+    assert_same_masked_adapter(tmp_path, one_process / "reselect")
+    assert_every_rank_has_the_same_masks(tmp_path, processes)
 
 
 @pytest.mark.slow
 def test_custom_loop_persistent_mode_with_clamp_under_fsdp2(tmp_path, one_process):
-    _run(CUSTOM_LOOP, 3, tmp_path, "--prune-mode", "persistent", "--clamp-value", "0.05")
-    _assert_same_adapter(tmp_path, one_process / "persistent")
+    run_example(CUSTOM_LOOP, 3, tmp_path, "--prune-mode", "persistent", "--clamp-value", "0.05")
+    assert_same_masked_adapter(tmp_path, one_process / "persistent")
 
 
 @pytest.mark.slow
@@ -103,11 +63,11 @@ def test_custom_loop_persistent_mode_with_clamp_under_fsdp2(tmp_path, one_proces
 )
 def test_custom_loop_resume_mid_schedule_under_fsdp2(tmp_path, one_process, checkpoint, resume_processes):
     options = ["--full-checkpoint"] if checkpoint == "full" else []
-    stopped = _run(CUSTOM_LOOP, 2, tmp_path, "--stop-at", "7", *options)
+    stopped = run_example(CUSTOM_LOOP, 2, tmp_path, "--stop-at", "7", *options)
     assert stopped["schedule_step"] == 7 and 0.3 < stopped["keep_ratio"] < 1.0  # mid decay
-    resumed = _run(CUSTOM_LOOP, resume_processes, tmp_path, "--resume", *options)
+    resumed = run_example(CUSTOM_LOOP, resume_processes, tmp_path, "--resume", *options)
     assert resumed["schedule_step"] == 14
-    _assert_same_adapter(tmp_path, one_process / "reselect")
+    assert_same_masked_adapter(tmp_path, one_process / "reselect")
 
 
 # ---- Trainer --------------------------------------------------------------------------------------------------------
@@ -115,21 +75,21 @@ def test_custom_loop_resume_mid_schedule_under_fsdp2(tmp_path, one_process, chec
 
 @pytest.mark.slow
 def test_trainer_under_fsdp2_equals_one_process_and_resumes_exactly(tmp_path):
-    single = _run(TRAINER, 1, tmp_path / "single", "--cpu")
+    single = run_example(TRAINER, 1, tmp_path / "single", "--cpu")
     assert not single["sharded"]
-    sharded = _run(TRAINER, 2, tmp_path / "sharded", "--cpu")
+    sharded = run_example(TRAINER, 2, tmp_path / "sharded", "--cpu")
     assert sharded["sharded"] and sharded["schedule_step"] == 14 and sharded["callback_steps"] == 14
-    _assert_same_adapter(tmp_path / "sharded", tmp_path / "single")
+    assert_same_masked_adapter(tmp_path / "sharded", tmp_path / "single")
     logged = [entry["roselora_factor_density"] for entry in sharded["log_history"] if "loss" in entry]
     expected = [entry["roselora_factor_density"] for entry in single["log_history"] if "loss" in entry]
     assert logged == pytest.approx(expected, abs=1e-12)
 
     # stop at the checkpoint of step 7 (mid decay) and resume in new processes
-    stopped = _run(TRAINER, 2, tmp_path / "resumed", "--cpu", "--save-steps", "7", "--stop-after-save")
+    stopped = run_example(TRAINER, 2, tmp_path / "resumed", "--cpu", "--save-steps", "7", "--stop-after-save")
     assert stopped["schedule_step"] == 7
-    resumed = _run(TRAINER, 2, tmp_path / "resumed", "--cpu", "--resume")
+    resumed = run_example(TRAINER, 2, tmp_path / "resumed", "--cpu", "--resume")
     assert resumed["schedule_step"] == 14
-    _assert_same_adapter(tmp_path / "resumed", tmp_path / "sharded", atol=1e-6)
+    assert_same_masked_adapter(tmp_path / "resumed", tmp_path / "sharded", atol=1e-6)
 
 
 def test_fsdp2_from_the_launcher_environment_is_not_refused(tmp_path, monkeypatch):
@@ -153,7 +113,7 @@ def test_fsdp2_from_the_launcher_environment_is_not_refused(tmp_path, monkeypatc
 @pytest.fixture
 def process_group(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     yield torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
     torch.distributed.destroy_process_group()

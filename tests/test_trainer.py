@@ -132,12 +132,11 @@ def test_frozen_adapter_fails_loudly(tmp_path):
 @pytest.mark.parametrize(
     "environment, message",
     [
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "RoseLoRA does not support DeepSpeed.*Use FSDP2"),
         ({"ACCELERATE_USE_FSDP": "true"}, r"RoseLoRA does not support FSDP1.*Use FSDP2"),  # the launcher's default
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, r"RoseLoRA does not support FSDP1.*Use FSDP2"),
     ],
 )
-def test_deepspeed_and_fsdp1_are_refused_at_train_begin(tmp_path, monkeypatch, environment, message):
+def test_fsdp1_is_refused_at_train_begin(tmp_path, monkeypatch, environment, message):
     model = _model()
     before = copy.deepcopy(lora_state(model))
     trainer = Trainer(

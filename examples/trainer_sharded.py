@@ -1,20 +1,26 @@
-"""RoseLoRA with transformers.Trainer under FSDP2, driven by RoseLoraCallback, with checkpoints and resume.
+"""RoseLoRA with transformers.Trainer under FSDP2 or DeepSpeed ZeRO, driven by RoseLoraCallback, with checkpoints.
 
-    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/trainer_fsdp2.py --output-dir out/fsdp2
-    torchrun --nproc_per_node 2 examples/trainer_fsdp2.py --output-dir out/fsdp2           # FSDP2 from the arguments
-    python examples/trainer_fsdp2.py --output-dir out/single                                # one process, same run
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/trainer_sharded.py --output-dir out/fsdp2
+    torchrun --nproc_per_node 2 examples/trainer_sharded.py --output-dir out/fsdp2          # FSDP2 from the arguments
+    torchrun --nproc_per_node 2 examples/trainer_sharded.py --deepspeed examples/deepspeed_zero3.json --output-dir z3
+    torchrun --nproc_per_node 2 examples/trainer_sharded.py --deepspeed 2 --output-dir out/z2   # ZeRO stage 2
+    python examples/trainer_sharded.py --output-dir out/single                               # one process, same run
 
-``TrainingArguments(fsdp=True, fsdp_config={"version": 2, ...})`` (FSDP2 is transformers' default version) shards
-every decoder layer with ``fully_shard``; ``RoseLoraCallback`` runs the schedule on the shards and the optimizer
-checkpoints carry its (sharded) state, so ``--resume`` continues exactly. The global batch is the same whatever the
+With several processes and no ``--deepspeed``, ``TrainingArguments(fsdp=True, fsdp_config={"version": 2, ...})``
+(FSDP2 is transformers' default version) shards every decoder layer with ``fully_shard``; ``RoseLoraCallback`` runs
+the schedule on the shards and the optimizer checkpoints carry its (sharded) state, so ``--resume`` continues
+exactly. With ``--deepspeed`` (a config file, or a ZeRO stage 1, 2 or 3) the Trainer runs DeepSpeed and the callback
+attaches the schedule to the ZeRO optimizer (``peft_roselora.zero``). The global batch is the same whatever the
 number of processes and the data order is sequential, so every run ends with the same masks and, to float rounding,
-the same factors (``tests/test_fsdp2.py`` checks 1 against 2 processes, and a resumed run against an uninterrupted
-one).
+the same factors (``tests/test_fsdp2.py`` and ``tests/test_deepspeed.py`` check it against one process).
 
-CPU emulation (``--cpu``): accelerate enables FSDP only on accelerators (on CPU it silently trains with DDP), so
-with ``--cpu`` this script declares the CPU processes multi-device to accelerate before the Trainer builds its
-``Accelerator``; that is the only way to run accelerate's FSDP2 code path on a machine without GPUs, and it is for
-testing, not for production.
+Gradient clipping is off (``max_grad_norm=0``) so that the DeepSpeed runs compare exactly with one process:
+DeepSpeed clips inside its step, after RoseLoRA has taken the step's importance (see docs/training.md).
+
+CPU emulation of FSDP2 (``--cpu``): accelerate enables FSDP only on accelerators (on CPU it silently trains with
+DDP), so with ``--cpu`` this script declares the CPU processes multi-device to accelerate before the Trainer builds
+its ``Accelerator``; that is the only way to run accelerate's FSDP2 code path on a machine without GPUs, and it is
+for testing, not for production. DeepSpeed needs no emulation: it runs on CPU with its CPU accelerator and gloo.
 
 Writes the gathered adapter to ``<output-dir>/adapter.safetensors`` and ``result.json`` (rank 0).
 """
@@ -68,6 +74,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     parser.add_argument("--keep-ratio", type=float, default=0.3)
     parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo), FSDP2 emulated (see above)")
+    parser.add_argument("--logging-steps", type=int, default=7)
+    parser.add_argument("--global-batch", type=int, default=GLOBAL_BATCH, help="rows per optimizer step, all processes")
+    parser.add_argument("--deepspeed", default=None, help="DeepSpeed config file, or a ZeRO stage: 1, 2 or 3")
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -93,19 +102,30 @@ def main() -> None:
             prune_end_step=args.max_steps - 2,
         ),
     )
-    ids = torch.randint(0, 128, (GLOBAL_BATCH * args.max_steps, 12), generator=torch.Generator().manual_seed(0))
-    sharded = world > 1
+    ids = torch.randint(0, 128, (args.global_batch * args.max_steps, 12), generator=torch.Generator().manual_seed(0))
+    deepspeed = None
+    if args.deepspeed in ("1", "2", "3"):
+        deepspeed = {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "zero_optimization": {"stage": int(args.deepspeed)},
+        }
+    elif args.deepspeed:
+        deepspeed = args.deepspeed
+    sharded = world > 1 and deepspeed is None
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
-        per_device_train_batch_size=GLOBAL_BATCH // world,
+        per_device_train_batch_size=args.global_batch // world,
         learning_rate=1e-2,
         lr_scheduler_type="constant",
-        logging_steps=7,
+        logging_steps=args.logging_steps,
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
         report_to=[],
-        use_cpu=args.cpu or not torch.cuda.is_available(),
+        use_cpu=deepspeed is None and (args.cpu or not torch.cuda.is_available()),  # DeepSpeed picks its device
+        max_grad_norm=0.0,
+        deepspeed=deepspeed,
         seed=0,
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -126,20 +146,23 @@ def main() -> None:
 
     tuner = trainer.model.base_model
     density = tuner.factor_density()  # collective under FSDP2
-    state = trainer.accelerator.get_state_dict(trainer.model)  # gathered on rank 0
+    adapter = tuner.masked_adapter_state()  # gathered whole (collective under FSDP2 and ZeRO)
     if trainer.accelerator.is_main_process:
-        adapter = {k: v.detach().cpu().contiguous() for k, v in state.items() if "lora_" in k}
         save_file(adapter, os.path.join(args.output_dir, "adapter.safetensors"))
         result = {
             "world_size": world,
             "sharded": trainer.is_fsdp_enabled,
+            "deepspeed": trainer.is_deepspeed_enabled,
             "schedule_step": tuner.steps_taken(),
             "callback_steps": callback.optimizer_steps,
             "factor_density": density,
             "log_history": trainer.state.log_history,
         }
         Path(args.output_dir, "result.json").write_text(json.dumps(result, indent=2))
-        print(f"world size {world}, FSDP {trainer.is_fsdp_enabled}, schedule step {tuner.steps_taken()}")
+        print(
+            f"world size {world}, FSDP {trainer.is_fsdp_enabled}, DeepSpeed {trainer.is_deepspeed_enabled}, "
+            f"schedule step {tuner.steps_taken()}"
+        )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

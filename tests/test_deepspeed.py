@@ -1,0 +1,57 @@
+"""DeepSpeed ZeRO-1/2/3 for real on CPU (DeepSpeed's CPU accelerator, gloo, 2 processes): a ZeRO engine in a custom
+loop and the Trainer with RoseLoraCallback end equal to one process, and a ZeRO checkpoint resumes exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from conftest import EXAMPLES, assert_every_rank_has_the_same_masks, assert_same_masked_adapter, run_example
+
+
+# a test dependency (the dev extra): the suite fails without it rather than skipping. Not imported here: importing
+# DeepSpeed selects an accelerator for the whole test process; the runs below import it in their own processes.
+if importlib.util.find_spec("deepspeed") is None:
+    raise ImportError("tests/test_deepspeed.py needs DeepSpeed: pip install -e '.[dev]' installs it.")
+
+
+CUSTOM_LOOP = EXAMPLES / "fsdp2_custom_loop.py"
+TRAINER = EXAMPLES / "trainer_sharded.py"
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepspeed_reference")
+    run_example(CUSTOM_LOOP, 1, root / "loop")
+    # accelerate treats a DeepSpeed run on CPU as one process and does not shard the data: every process gets the
+    # same 3 rows per step (DeepSpeed still partitions across both), so the Trainer reference is one process, 3 rows
+    run_example(TRAINER, 1, root / "trainer", "--global-batch", "3")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_engine_in_a_custom_loop_equals_one_process(tmp_path, one_process, stage):
+    result = run_example(CUSTOM_LOOP, 2, tmp_path, "--deepspeed", str(stage))
+    assert result["world_size"] == 2 and result["schedule_step"] == 14
+    assert_same_masked_adapter(tmp_path, one_process / "loop")
+    assert_every_rank_has_the_same_masks(tmp_path, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoint_resumes_mid_schedule(tmp_path, one_process, stage):
+    stopped = run_example(CUSTOM_LOOP, 2, tmp_path, "--deepspeed", str(stage), "--stop-at", "7")
+    assert stopped["schedule_step"] == 7 and 0.3 < stopped["keep_ratio"] < 1.0
+    resumed = run_example(CUSTOM_LOOP, 2, tmp_path, "--deepspeed", str(stage), "--resume")
+    assert resumed["schedule_step"] == 14
+    assert_same_masked_adapter(tmp_path, one_process / "loop")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_trainer_with_deepspeed_zero_equals_one_process(tmp_path, one_process, stage):
+    result = run_example(TRAINER, 2, tmp_path, "--deepspeed", str(stage))
+    assert result["deepspeed"] and result["schedule_step"] == 14 and result["callback_steps"] == 14
+    assert_same_masked_adapter(tmp_path, one_process / "trainer")
+
