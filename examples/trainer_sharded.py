@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--keep-ratio", type=float, default=0.3)
     parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo), FSDP2 emulated (see above)")
     parser.add_argument("--logging-steps", type=int, default=7)
-    parser.add_argument("--global-batch", type=int, default=GLOBAL_BATCH, help="rows per optimizer step, all processes")
+    parser.add_argument("--global-batch", type=int, default=GLOBAL_BATCH, help="rows per step, all processes")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed config file, or a ZeRO stage: 1, 2 or 3")
     args = parser.parse_args()
 

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .model import RoseLoraModel
 from . import zero
+from .model import RoseLoraModel
 from .training import (
     attach_schedule_state,
     get_roselora_model,

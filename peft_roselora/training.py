@@ -148,9 +148,10 @@ def register_optimizer_hooks(model: torch.nn.Module, optimizer: torch.optim.Opti
     ``prune_step()``. Works with gradient accumulation (hooks fire once per optimizer step) and with ``accelerate``
     (pass the prepared optimizer). A step that ``GradScaler`` skips runs neither hook. With a DeepSpeed engine pass
     ``engine.optimizer``: DeepSpeed has no step hooks, so the ZeRO optimizer's ``step`` is wrapped instead
-    (``peft_roselora.zero.wrap_zero_step``; a step DeepSpeed skips on overflow runs ``skip_step()``). ``optimizer.state_dict()``
-    then holds the schedule state (step, importance EMAs, counters) and ``optimizer.load_state_dict()`` restores it,
-    so checkpointing the optimizer (``torch.save``, accelerate ``save_state``) is enough to resume exactly.
+    (``peft_roselora.zero.wrap_zero_step``; a step DeepSpeed skips on overflow runs ``skip_step()``).
+    ``optimizer.state_dict()`` then holds the schedule state (step, importance EMAs, counters) and
+    ``optimizer.load_state_dict()`` restores it, so checkpointing the optimizer (``torch.save``, accelerate
+    ``save_state``, DeepSpeed ``save_checkpoint``) is enough to resume exactly.
 
     Args:
         model (nn.Module): a ``PeftModel`` with RoseLoRA adapters (or its ``RoseLoraModel``).

@@ -54,4 +54,3 @@ def test_trainer_with_deepspeed_zero_equals_one_process(tmp_path, one_process, s
     result = run_example(TRAINER, 2, tmp_path, "--deepspeed", str(stage))
     assert result["deepspeed"] and result["schedule_step"] == 14 and result["callback_steps"] == 14
     assert_same_masked_adapter(tmp_path, one_process / "trainer")
-
