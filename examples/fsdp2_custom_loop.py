@@ -12,7 +12,9 @@ selection gathers them once). DeepSpeed (``--deepspeed 1|2|3``): ``deepspeed.ini
 The global batch is the same whatever the number of processes, so every run ends with the same masks and (to float
 rounding) the same factors: ``tests/test_fsdp2.py`` checks it for 1, 2 and 3 processes, and that a run stopped at
 ``--stop-at N`` and resumed with ``--resume`` ends where the uninterrupted one does, with sharded
-(``torch.distributed.checkpoint``) and full checkpoints; ``tests/test_deepspeed.py`` checks ZeRO-1/2/3.
+(``torch.distributed.checkpoint``) and full checkpoints, and with a 4-bit bitsandbytes base (``--qlora``: FSDP2 +
+QLoRA, ``bnb_4bit_quant_storage=torch.float32`` so that FSDP2 can shard the packed weights);
+``tests/test_deepspeed.py`` checks ZeRO-1/2/3.
 
 Writes ``<output-dir>/adapter.safetensors`` (the masked factors and masks, gathered whole) and ``result.json`` on
 rank 0, and ``masks_rank<k>.safetensors`` on every rank.
@@ -60,6 +62,21 @@ def build_model(args) -> torch.nn.Module:
             vocab_size=VOCAB,
         )
     )
+    if args.qlora:  # QLoRA: the same base, saved once and loaded 4-bit (nf4) with a quant storage FSDP2 can shard
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        folder = Path(args.output_dir) / "base"
+        if dist.get_rank() == 0:
+            model.save_pretrained(folder)
+        dist.barrier()
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_storage=torch.float32,
+        )
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.float32)
+        torch.manual_seed(1)  # the same initial adapter on every process
     config = RoseLoraConfig(
         r=5,
         lora_alpha=10,
@@ -130,17 +147,16 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", default=None, help="default: <output-dir>/checkpoint")
     parser.add_argument("--full-checkpoint", action="store_true", help="full state dict on rank 0, not sharded DCP")
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--qlora", action="store_true", help="a bitsandbytes 4-bit base (FSDP2 + QLoRA)")
     parser.add_argument("--deepspeed", type=int, choices=[1, 2, 3], default=None, help="a ZeRO engine, not FSDP2")
     args = parser.parse_args()
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not distributed:  # one process: a process group of one, so that checkpoints use the same API
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
     use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if distributed:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    else:  # one process: a process group of one (in-memory store), so that checkpoints use the same API
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -146,21 +145,16 @@ def tiny_gpt2():
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_example(script: Path, processes: int, output: Path, *options: str) -> dict:
     """Run ``script`` in ``processes`` processes (plain python for one) and return its result.json."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for variable in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(variable, None)
     if processes == 1:
-        env.pop("WORLD_SIZE", None)
         command = [sys.executable, str(script)]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-        command += ["--master_addr", "127.0.0.1", "--master_port", env["MASTER_PORT"], str(script)]
+    else:  # --standalone: the rendezvous binds a port the OS picks, no race with other runs
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        command.append(str(script))
     command += ["--output-dir", str(output), *options]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
 from safetensors.torch import load_file
 
 
@@ -23,12 +22,9 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         "--nproc_per_node",
         "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
         str(EXAMPLE),
         "--cpu",
         "--max-steps",

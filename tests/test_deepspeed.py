@@ -54,3 +54,11 @@ def test_trainer_with_deepspeed_zero_equals_one_process(tmp_path, one_process, s
     result = run_example(TRAINER, 2, tmp_path, "--deepspeed", str(stage))
     assert result["deepspeed"] and result["schedule_step"] == 14 and result["callback_steps"] == 14
     assert_same_masked_adapter(tmp_path, one_process / "trainer")
+
+
+def test_the_deepspeed_config_is_zero3_with_trainer_values():
+    import json
+
+    config = json.loads((EXAMPLES / "deepspeed_zero3.json").read_text())
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["train_micro_batch_size_per_gpu"] == "auto"  # filled in from TrainingArguments

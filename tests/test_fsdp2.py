@@ -9,7 +9,6 @@ from conftest import (
     EXAMPLES,
     assert_every_rank_has_the_same_masks,
     assert_same_masked_adapter,
-    free_port,
     make_tiny_llama,
     random_batch,
     run_example,
@@ -50,6 +49,15 @@ def test_custom_loop_under_fsdp2_equals_one_process(tmp_path, one_process, proce
 
 
 @pytest.mark.slow
+def test_fsdp2_with_a_4bit_bitsandbytes_base_equals_one_process(tmp_path):
+    # FSDP + QLoRA: nf4 base with bnb_4bit_quant_storage=float32, sharded by fully_shard like any parameter
+    run_example(CUSTOM_LOOP, 1, tmp_path / "single", "--qlora")
+    result = run_example(CUSTOM_LOOP, 3, tmp_path / "sharded", "--qlora")
+    assert result["schedule_step"] == 14
+    assert_same_masked_adapter(tmp_path / "sharded", tmp_path / "single")
+
+
+@pytest.mark.slow
 def test_custom_loop_persistent_mode_with_clamp_under_fsdp2(tmp_path, one_process):
     run_example(CUSTOM_LOOP, 3, tmp_path, "--prune-mode", "persistent", "--clamp-value", "0.05")
     assert_same_masked_adapter(tmp_path, one_process / "persistent")
@@ -73,13 +81,27 @@ def test_custom_loop_resume_mid_schedule_under_fsdp2(tmp_path, one_process, chec
 # ---- Trainer --------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def trainer_one_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp2_trainer_reference")
+    result = run_example(TRAINER, 1, root, "--cpu")
+    assert not result["sharded"]
+    return root, result
+
+
 @pytest.mark.slow
-def test_trainer_under_fsdp2_equals_one_process_and_resumes_exactly(tmp_path):
-    single = run_example(TRAINER, 1, tmp_path / "single", "--cpu")
-    assert not single["sharded"]
+def test_trainer_under_fsdp2_on_3_processes_equals_one_process(tmp_path, trainer_one_process):
+    result = run_example(TRAINER, 3, tmp_path, "--cpu")
+    assert result["sharded"] and result["schedule_step"] == 14 and result["callback_steps"] == 14
+    assert_same_masked_adapter(tmp_path, trainer_one_process[0])
+
+
+@pytest.mark.slow
+def test_trainer_under_fsdp2_equals_one_process_and_resumes_exactly(tmp_path, trainer_one_process):
+    reference, single = trainer_one_process
     sharded = run_example(TRAINER, 2, tmp_path / "sharded", "--cpu")
     assert sharded["sharded"] and sharded["schedule_step"] == 14 and sharded["callback_steps"] == 14
-    assert_same_masked_adapter(tmp_path / "sharded", tmp_path / "single")
+    assert_same_masked_adapter(tmp_path / "sharded", reference)
     logged = [entry["roselora_factor_density"] for entry in sharded["log_history"] if "loss" in entry]
     expected = [entry["roselora_factor_density"] for entry in single["log_history"] if "loss" in entry]
     assert logged == pytest.approx(expected, abs=1e-12)
@@ -111,10 +133,8 @@ def test_fsdp2_from_the_launcher_environment_is_not_refused(tmp_path, monkeypatc
 
 
 @pytest.fixture
-def process_group(monkeypatch):
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+def process_group():
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     yield torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
     torch.distributed.destroy_process_group()
 
@@ -208,3 +228,11 @@ def test_fsdp1_wrapped_model_is_refused_by_the_callback(tmp_path):
 
     with pytest.raises(UnsupportedSetupError, match="RoseLoRA does not support FSDP1.*Use FSDP2"):
         RoseLoraCallback().on_train_begin(trainer_args(tmp_path), TrainerState(), TrainerControl(), model=FakeFsdp1())
+
+
+def test_the_accelerate_fsdp2_config_asks_for_fsdp2():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    config = load_config_from_file(str(EXAMPLES / "accelerate_fsdp2.yaml"))
+    assert config.distributed_type == DistributedType.FSDP and config.fsdp_config["fsdp_version"] == 2
