@@ -57,6 +57,36 @@ PRESETS = {
         warmup=2,
         steps_per_sample=2,
     ),
+    # one decoder layer with the projection shapes of Llama-2-7B (MHA) and Llama-3-8B (GQA: 8 key/value heads); the
+    # vocabulary is small on purpose (the projections are what is measured); few samples: the ratio is what counts
+    "llama2-7b": dict(
+        hidden=4096,
+        intermediate=11008,
+        layers=1,
+        heads=32,
+        kv_heads=32,
+        vocab=1024,
+        seq=512,
+        batch=1,
+        rank=8,
+        rounds=5,
+        warmup=1,
+        steps_per_sample=1,
+    ),
+    "llama3-8b": dict(
+        hidden=4096,
+        intermediate=14336,
+        layers=1,
+        heads=32,
+        kv_heads=8,
+        vocab=1024,
+        seq=512,
+        batch=1,
+        rank=8,
+        rounds=5,
+        warmup=1,
+        steps_per_sample=1,
+    ),
     "smoke": dict(
         hidden=64,
         intermediate=128,
@@ -82,7 +112,7 @@ def build_base(args) -> LlamaForCausalLM:
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
+        num_key_value_heads=getattr(args, "kv_heads", None) or args.heads,
         vocab_size=args.vocab,
         max_position_embeddings=max(args.seq, 64),
     )
@@ -291,6 +321,7 @@ def main() -> None:
         "intermediate",
         "layers",
         "heads",
+        "kv_heads",
         "vocab",
         "seq",
         "batch",
@@ -361,8 +392,9 @@ def main() -> None:
                 "--dtype",
                 args.dtype,
             ]
-            for key in ("hidden", "intermediate", "layers", "heads", "vocab", "seq", "batch", "rank"):
-                command += [f"--{key}", str(getattr(args, key))]
+            for key in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "seq", "batch", "rank"):
+                if getattr(args, key) is not None:
+                    command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             memory[method] = json.loads(out)
 
@@ -376,7 +408,7 @@ def main() -> None:
             "dtype": args.dtype,
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         },
-        "config": {k: getattr(args, k) for k in PRESETS["cpu"]},
+        "config": {k: getattr(args, k) for k in (*PRESETS["cpu"], "kv_heads", "preset")},
         "step_seconds_median": medians,
         "step_ratio_to_lora": {m: medians[m] / medians["lora"] for m in METHODS},
         "schedule_update_ms_median": schedule,

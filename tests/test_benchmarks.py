@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,24 @@ def test_train_step_benchmark_smoke(tmp_path):
 
 
 ZSRE = Path(__file__).resolve().parent / "fixtures" / "zsre_sample.json"  # 12 real records + 1 malformed
+
+
+@pytest.mark.slow
+def test_fsdp2_step_benchmark_smoke(tmp_path):
+    # 2 real processes (gloo): every method runs sharded, the schedule's collectives are counted; no timing asserts
+    output = tmp_path / "fsdp2_step.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(BENCHMARKS / "fsdp2_step.py"), "--preset", "smoke", "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads(output.read_text())
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows) == {"lora", "roselora-decay", "roselora-final", "roselora-final-persistent"}
+    assert report["world_size"] == 2 and report["modules"] == 14
+    # the importance gather: r * (in + out) fp32 values per module and selection, half of them from the other process
+    assert rows["roselora-decay"]["bytes_received_per_step_per_module"] > 0
+    assert rows["roselora-final-persistent"]["collectives_per_step"] < rows["roselora-decay"]["collectives_per_step"]
 
 
 @pytest.mark.slow
