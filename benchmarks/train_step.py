@@ -286,6 +286,8 @@ def memory_probe(args) -> dict:
         result["train_bytes"] = torch.cuda.max_memory_allocated()
     else:
         result["train_bytes"] = max(heap) if heap[0] is not None else max(samples)
+        # the last three steps: after t_f in persistent mode the importance EMAs are released
+        result["steady_train_bytes"] = max(heap[-9:]) if heap[0] is not None else max(samples[-6:])
         result["train_rss_bytes"] = max(samples)
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     return result
@@ -379,7 +381,7 @@ def main() -> None:
 
     memory = {}
     if not args.no_memory:
-        for method in ("lora", "roselora-decay", "adalora"):
+        for method in ("lora", "roselora-decay", "roselora-final-persistent", "adalora"):
             command = [
                 sys.executable,
                 __file__,
@@ -424,6 +426,14 @@ def main() -> None:
         allowed = memory["roselora-decay"]["fp32_importance_bytes"] + memory["roselora-decay"]["mask_bytes"]
         result["memory_roselora_minus_lora_bytes"] = extra
         result["memory_allowed_bytes"] = allowed
+        # the allowance of issue "Performance at real model shapes": one fp32 copy of the adapter
+        result["memory_extra_in_fp32_adapter_copies"] = extra / memory["roselora-decay"]["fp32_importance_bytes"]
+        if "steady_train_bytes" in memory["lora"]:
+            steady = memory["roselora-final-persistent"]["steady_train_bytes"] - memory["lora"]["steady_train_bytes"]
+            result["memory_persistent_after_tf_minus_lora_bytes"] = steady
+            result["memory_persistent_after_tf_in_fp32_adapter_copies"] = (
+                steady / memory["roselora-decay"]["fp32_importance_bytes"]
+            )
     if not args.no_scaling:
         result["schedule_scaling"] = schedule_scaling(args)
 
@@ -441,7 +451,8 @@ def main() -> None:
         print(
             f"training memory: RoseLoRA - LoRA = {result['memory_roselora_minus_lora_bytes'] / 2**20:.1f} MiB "
             f"(allowed: fp32 importance + masks = {result['memory_allowed_bytes'] / 2**20:.1f} MiB); AdaLoRA - LoRA "
-            f"= {(memory['adalora']['train_bytes'] - memory['lora']['train_bytes']) / 2**20:.1f} MiB"
+            f"= {(memory['adalora']['train_bytes'] - memory['lora']['train_bytes']) / 2**20:.1f} MiB; RoseLoRA - LoRA "
+            f"= {result['memory_extra_in_fp32_adapter_copies']:.2f} fp32 copies of the adapter"
         )
     for row in result.get("schedule_scaling", []):
         modules, rank, ms = row["adapted_modules"], row["rank"], row["schedule_ms"]

@@ -234,10 +234,12 @@ class AdapterSchedule:
         return finite
 
     def mark_importance_not_needed(self) -> None:
-        """The step's importance is deliberately not computed (persistent masks are final)."""
+        """The step's importance is deliberately not computed (persistent masks are final): the EMAs are released,
+        since no later step reads them (one fp32 copy of the adapter less for the rest of training)."""
         self._check_not_pending("update_importance()")
         self.importance_pending = True
         self.pending_nonfinite = False
+        self.importance_A, self.importance_B = {}, {}
 
     def advance(self) -> StepPlan:
         """Count the applied optimizer step (``t += 1``) and decide what its prune does.

@@ -159,6 +159,9 @@ def test_replayed_last_keep_ratio_equals_the_live_one(mode, interval):
         _record(schedule) if schedule.importance_needed() else schedule.mark_importance_not_needed()
         schedule.advance()
         assert replay_last_keep_ratio(config, step) == schedule.last_keep_ratio, step
+    # persistent masks are final from t_f on: the EMAs are released (memory), and the state says so
+    assert (schedule.importance_A == {}) is (mode == "persistent")
+    assert (schedule.state_dict()["importance_B"] == {}) is (mode == "persistent")
 
 
 def test_apply_masks_zeroes_nan_and_inf_in_pruned_entries_exactly():
