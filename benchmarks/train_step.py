@@ -13,11 +13,13 @@ all linear projections adapted at the same rank:
 - ``roselora-final-persistent``: after t_f with ``prune_mode="persistent"`` (masks fixed once final);
 - ``adalora``: PEFT AdaLoRA with ``update_and_allocate`` every step (budgeting phase).
 
-Steps run interleaved (A B C ... A B C ...), warm-up rounds excluded; every sample is the wall time of
-``--steps-per-sample`` full training steps (forward, backward, optimizer, schedule update). The table gives medians
-and ratios to LoRA; the RoseLoRA schedule update (importance + top-k + masking) is timed on its own too. Peak memory
-is measured per method in a fresh subprocess (RSS on CPU, ``max_memory_allocated`` on GPU). Inference: merged
-RoseLoRA against the base model, unmerged RoseLoRA against unmerged LoRA. Results go to ``--output`` (JSON).
+Steps run interleaved with the order rotated every round (A B C ..., B C ... A, ...), warm-up rounds excluded;
+every sample is the wall time of ``--steps-per-sample`` full training steps (forward, backward, optimizer, schedule
+update). The table gives medians, their ratios to LoRA, and the paired ratio (median over rounds of each round's
+ratio to LoRA's sample); the RoseLoRA schedule update (importance + top-k + masking) is timed on its own too. Peak
+memory is measured per method in a fresh subprocess (heap in use on CPU, ``max_memory_allocated`` on GPU).
+Inference: merged RoseLoRA against the base model, unmerged RoseLoRA against unmerged LoRA. Results go to
+``--output`` (JSON). ``--preset llama2-7b`` / ``llama3-8b``: one decoder layer at those models' projection shapes.
 """
 
 from __future__ import annotations
@@ -352,11 +354,16 @@ def main() -> None:
     runners = {method: Runner(method, base, args) for method in METHODS}
     samples = {method: [] for method in METHODS}
     for round_index in range(args.warmup + args.rounds):
-        for method, runner in runners.items():  # interleaved: A B C ... per round
-            seconds = time_steps(runner, args.steps_per_sample)
+        # interleaved, and the order rotated every round (A B C ..., B C ... A, ...) so that no method always runs
+        # first or after the same neighbour
+        shift = round_index % len(METHODS)
+        for method in METHODS[shift:] + METHODS[:shift]:
+            seconds = time_steps(runners[method], args.steps_per_sample)
             if round_index >= args.warmup:
                 samples[method].append(seconds)
     medians = {method: statistics.median(values) for method, values in samples.items()}
+    # the median over rounds of each round's ratio to LoRA's sample: paired, so slow drifts of the machine cancel
+    paired = {m: statistics.median(a / b for a, b in zip(samples[m], samples["lora"])) for m in METHODS}
     schedule = {
         method: 1000 * statistics.median(runner.schedule_seconds[args.warmup * args.steps_per_sample :])
         for method, runner in runners.items()
@@ -413,6 +420,7 @@ def main() -> None:
         "config": {k: getattr(args, k) for k in (*PRESETS["cpu"], "kv_heads", "preset")},
         "step_seconds_median": medians,
         "step_ratio_to_lora": {m: medians[m] / medians["lora"] for m in METHODS},
+        "step_ratio_to_lora_paired": paired,
         "schedule_update_ms_median": schedule,
         "schedule_share_of_step": {m: schedule[m] / 1000 / medians[m] for m in schedule},
         "inference_seconds_median": inference,
@@ -437,12 +445,13 @@ def main() -> None:
     if not args.no_scaling:
         result["schedule_scaling"] = schedule_scaling(args)
 
-    print(f"\n{'method':<28}{'step (s)':>10}{'ratio':>8}{'schedule (ms)':>15}{'share':>8}")
+    print(f"\n{'method':<28}{'step (s)':>10}{'ratio':>8}{'paired':>8}{'schedule (ms)':>15}{'share':>8}")
     for method in METHODS:
         sched = schedule.get(method)
         share = f"{sched / 1000 / medians[method]:>8.3f}" if sched is not None else f"{'':>8}"
         sched_text = f"{sched:>15.2f}" if sched is not None else f"{'':>15}"
-        print(f"{method:<28}{medians[method]:>10.4f}{medians[method] / medians['lora']:>8.3f}{sched_text}{share}")
+        ratio = medians[method] / medians["lora"]
+        print(f"{method:<28}{medians[method]:>10.4f}{ratio:>8.3f}{paired[method]:>8.3f}{sched_text}{share}")
     print(
         f"inference: merged RoseLoRA / base {result['merged_over_base']:.3f}; unmerged RoseLoRA / LoRA "
         f"{result['unmerged_roselora_over_lora']:.3f}"
