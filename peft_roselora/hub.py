@@ -44,8 +44,9 @@ def card_section(model: PeftModel) -> str:
     tuner = _roselora_tuner(model)
     name = tuner.active_adapters[0]
     config = tuner.peft_config[name]
-    # under FSDP2 only the main process writes the card: measure the masks (replicated), not the sharded factors
-    sharded = tuner.factors_sharded(name)
+    # under FSDP2 / DeepSpeed ZeRO only the main process writes the card, and reading the whole factors is collective:
+    # measure the masks (whole on every process) instead
+    sharded = tuner.factors_partitioned(name)
     report = tuner.sparsity_report(name, support_only=sharded)
     measured = "mask" if sharded else "factor"
     fields = {

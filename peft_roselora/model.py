@@ -11,7 +11,7 @@ from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
-from . import sharding, sparsity
+from . import sharding, sparsity, zero
 from .config import RoseLoraConfig
 from .layer import Linear, RoseLoraLayer
 from .schedule import AdapterSchedule, ScheduleStateError, replay_last_keep_ratio, should_mask_gradients
@@ -322,6 +322,16 @@ class RoseLoraModel(LoraModel):
         """Whether FSDP2 shards some factor of ``adapter_name`` (its parameters are ``DTensor``)."""
         return any(
             sharding.is_sharded(parameter)
+            for _, layer in self._rose_layers(adapter_name)
+            for parameter in layer.factor_parameters(adapter_name)
+        )
+
+    def factors_partitioned(self, adapter_name: str = "default") -> bool:
+        """Whether reading the whole factors of ``adapter_name`` is collective: FSDP2 shards them, or DeepSpeed ZeRO
+        holds their fp32 masters in partitions. Then ``masked_factors``, ``sparsity_report`` and ``factor_density``
+        must run on every process (``sparsity_report(support_only=True)`` needs no communication)."""
+        return self.factors_sharded(adapter_name) or any(
+            zero.is_zero_parameter(parameter)
             for _, layer in self._rose_layers(adapter_name)
             for parameter in layer.factor_parameters(adapter_name)
         )

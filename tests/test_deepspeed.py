@@ -62,3 +62,20 @@ def test_the_deepspeed_config_is_zero3_with_trainer_values():
     config = json.loads((EXAMPLES / "deepspeed_zero3.json").read_text())
     assert config["zero_optimization"]["stage"] == 3
     assert config["train_micro_batch_size_per_gpu"] == "auto"  # filled in from TrainingArguments
+
+
+@pytest.mark.slow
+def test_trainer_with_deepspeed_zero3_checkpoints_and_resumes_exactly(tmp_path, one_process):
+    # a checkpoint mid-run (the model card is written by the main process alone: it must not gather the factors)
+    full = run_example(TRAINER, 2, tmp_path / "full", "--deepspeed", "3", "--save-steps", "7")
+    assert full["schedule_step"] == 14
+    assert_same_masked_adapter(tmp_path / "full", one_process / "trainer")
+    card = (tmp_path / "full" / "checkpoint-7" / "README.md").read_text()
+    assert "mask non-zeros" in card and "(at most, from the masks)" in card
+    stopped = run_example(
+        TRAINER, 2, tmp_path / "resumed", "--deepspeed", "3", "--save-steps", "7", "--stop-after-save"
+    )
+    assert stopped["schedule_step"] == 7
+    resumed = run_example(TRAINER, 2, tmp_path / "resumed", "--deepspeed", "3", "--resume")
+    assert resumed["schedule_step"] == 14
+    assert_same_masked_adapter(tmp_path / "resumed", tmp_path / "full", atol=1e-6)
