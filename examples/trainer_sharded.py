@@ -147,7 +147,9 @@ def main() -> None:
     tuner = trainer.model.base_model
     density = tuner.factor_density()  # collective under FSDP2
     adapter = tuner.masked_adapter_state()  # gathered whole (collective under FSDP2 and ZeRO)
-    if trainer.accelerator.is_main_process:
+    # the global rank, not accelerate's view: on CPU accelerate sees a DeepSpeed run as one process (every process
+    # would think it is the main one and write the same files at once)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         save_file(adapter, os.path.join(args.output_dir, "adapter.safetensors"))
         result = {
             "world_size": world,
