@@ -75,20 +75,6 @@ PRESETS = {
         warmup=1,
         steps_per_sample=1,
     ),
-    "llama3-8b": dict(
-        hidden=4096,
-        intermediate=14336,
-        layers=1,
-        heads=32,
-        kv_heads=8,
-        vocab=1024,
-        seq=512,
-        batch=1,
-        rank=8,
-        rounds=5,
-        warmup=1,
-        steps_per_sample=1,
-    ),
     "smoke": dict(
         hidden=64,
         intermediate=128,
@@ -103,6 +89,8 @@ PRESETS = {
         steps_per_sample=1,
     ),
 }
+# Llama-3-8B: the same layer with a wider MLP and grouped-query attention (8 key/value heads)
+PRESETS["llama3-8b"] = {**PRESETS["llama2-7b"], "intermediate": 14336, "kv_heads": 8}
 METHODS = ["lora", "roselora-decay", "roselora-final", "roselora-final-persistent", "adalora"]
 FAR = 10**6  # a total_step no run reaches: the schedule phase stays where it is put
 

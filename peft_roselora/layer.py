@@ -217,7 +217,8 @@ class RoseLoraLayer(LoraLayer):
         """
         weights, grads = [], []
         for factor, weight in zip(("lora_A", "lora_B"), self.factor_parameters(adapter_name)):
-            if zero.is_zero_parameter(weight):
+            partitioned = zero.is_zero_parameter(weight)
+            if partitioned:
                 self._note_zero(weight)
                 grad = zero.full_gradient(weight)
             else:
@@ -228,12 +229,8 @@ class RoseLoraLayer(LoraLayer):
                     f"RoseLoRA importance update for adapter '{adapter_name}' found no gradient on {factor}: call it "
                     "after loss.backward() and before optimizer.zero_grad() (and make sure the adapter is trainable)."
                 )
-            if zero.is_zero_parameter(weight):
-                weights.append(zero.full_weight(weight))
-                grads.append(grad)
-            else:
-                weights.append(sharding.local_tensor(weight))
-                grads.append(sharding.local_tensor(grad))
+            weights.append(zero.full_weight(weight) if partitioned else sharding.local_tensor(weight))
+            grads.append(grad if partitioned else sharding.local_tensor(grad))
         return weights, grads
 
     def _factor_rows(self, adapter_name: str, factor: str, weight: torch.Tensor) -> Optional[slice]:
