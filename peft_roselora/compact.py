@@ -10,6 +10,7 @@ masks. Loading rebuilds identical weights and masks.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional
 
@@ -19,17 +20,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import RoseLoraConfig
+from .layer import FACTOR_MASK_KEYS, factor_rows, mask_key_of
 from .training import get_roselora_model
 
 
 COMPACT_WEIGHTS_NAME = "adapter_model.compact.safetensors"
 FORMAT = "roselora-compact-v1"
-_MASK_OF = {"lora_A.weight": "lora_mask_A", "lora_B.weight": "lora_mask_B"}
 
 
-def _encode_factor(weight: torch.Tensor, mask: torch.Tensor, rows_are_columns: bool) -> Optional[dict]:
-    rows_weight = weight.T if rows_are_columns else weight
-    rows_mask = mask.T if rows_are_columns else mask
+def _encode_factor(weight: torch.Tensor, mask: torch.Tensor, key: str) -> Optional[dict]:
+    rows_weight, rows_mask = factor_rows(weight, key), factor_rows(mask, key)
     kept = rows_mask.sum(dim=1)
     if not bool((kept == kept[0]).all()):
         return None
@@ -57,13 +57,12 @@ def save_compact(model: torch.nn.Module, save_directory: str, adapter_name: str 
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     tensors, layout = {}, {}
     for key, value in state.items():
-        suffix = next((s for s in _MASK_OF if key.endswith(s)), None)
-        if suffix is None:
-            if not any(key.endswith(m) for m in _MASK_OF.values()):
+        mask_key = mask_key_of(key)
+        if mask_key is None:
+            if not key.endswith(tuple(FACTOR_MASK_KEYS.values())):
                 tensors[key] = value.contiguous()
             continue
-        mask_key = key[: -len(suffix)] + _MASK_OF[suffix]
-        encoded = _encode_factor(value, state[mask_key], rows_are_columns=suffix.startswith("lora_B"))
+        encoded = _encode_factor(value, state[mask_key], key)
         if encoded is None:  # irregular rows: store dense with its mask
             tensors[key], tensors[mask_key] = value.contiguous(), state[mask_key].contiguous()
             continue
@@ -124,7 +123,7 @@ def load_compact_state_dict(
         for key in headers:
             if "::" not in key:
                 state[key] = handle.get_tensor(key)
-        for key, (rows_shape, rows_are_columns) in plans.items():
+        for key, (rows_shape, shape) in plans.items():
             values, indices = handle.get_tensor(f"{key}::values"), handle.get_tensor(f"{key}::indices").long()
             if bool((indices < 0).any()) or bool((indices >= rows_shape[1]).any()):
                 raise CompactFormatError(f"{path}: '{key}::indices' has positions outside 0..{rows_shape[1] - 1}.")
@@ -133,15 +132,16 @@ def load_compact_state_dict(
                     f"{path}: '{key}::indices' is not strictly increasing in every row (duplicate or unsorted "
                     "positions)."
                 )
-            weight = torch.zeros(rows_shape, dtype=values.dtype).scatter_(1, indices, values)
-            mask = torch.zeros(rows_shape, dtype=torch.bool).scatter_(1, indices, True)
-            suffix = next(s for s in _MASK_OF if key.endswith(s))
-            state[key] = weight.T.contiguous() if rows_are_columns else weight
-            state[key[: -len(suffix)] + _MASK_OF[suffix]] = mask.T.contiguous() if rows_are_columns else mask
+            weight = torch.zeros(shape, dtype=values.dtype)
+            mask = torch.zeros(shape, dtype=torch.bool)
+            # factor_rows() is a view of the dense tensor: scattering into it fills the factor and its mask
+            factor_rows(weight, key).scatter_(1, indices, values)
+            factor_rows(mask, key).scatter_(1, indices, True)
+            state[key], state[mask_key_of(key)] = weight, mask
     return state
 
 
-def _read_layout(path: str, metadata: dict) -> dict[str, tuple[int, int]]:
+def _read_layout(path: str, metadata: dict) -> dict[str, tuple[int, ...]]:
     try:
         layout = json.loads(metadata.get("layout", ""))
     except json.JSONDecodeError as error:
@@ -150,15 +150,15 @@ def _read_layout(path: str, metadata: dict) -> dict[str, tuple[int, int]]:
         raise CompactFormatError(f"{path}: metadata 'layout' must map factor keys to shapes.")
     checked = {}
     for key, shape in layout.items():
-        if not any(key.endswith(suffix) for suffix in _MASK_OF):
+        if mask_key_of(key) is None:
             raise CompactFormatError(f"{path}: layout key '{key}' is not a lora_A / lora_B weight.")
         if (
             not isinstance(shape, list)
-            or len(shape) != 2
+            or not 2 <= len(shape) <= 5
             or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
         ):
-            raise CompactFormatError(f"{path}: layout shape of '{key}' must be two integers >= 1, got {shape!r}.")
-        checked[key] = (shape[0], shape[1])
+            raise CompactFormatError(f"{path}: layout shape of '{key}' must be 2 to 5 integers >= 1, got {shape!r}.")
+        checked[key] = tuple(shape)
     return checked
 
 
@@ -173,8 +173,7 @@ def _check_headers(path, layout, headers, expected_shapes, max_dense_bytes) -> d
             f"{path}: encoded tensors do not match the layout (extra {extra}, missing {missing})."
         )
     for key, shape in layout.items():
-        suffix = next(s for s in _MASK_OF if key.endswith(s))
-        mask_key = key[: -len(suffix)] + _MASK_OF[suffix]
+        mask_key = mask_key_of(key)
         if key in headers or mask_key in headers:
             raise CompactFormatError(f"{path}: '{key}' is stored both encoded and dense.")
         if expected_shapes is not None and tuple(expected_shapes.get(key, ())) != shape:
@@ -187,8 +186,7 @@ def _check_headers(path, layout, headers, expected_shapes, max_dense_bytes) -> d
             raise CompactFormatError(f"{path}: '{key}::values' has dtype {values_dtype}, expected a float dtype.")
         if indices_dtype not in _INDEX_DTYPES:
             raise CompactFormatError(f"{path}: '{key}::indices' has dtype {indices_dtype}, expected int16/32/64.")
-        rows_are_columns = suffix.startswith("lora_B")
-        rows_shape = (shape[1], shape[0]) if rows_are_columns else shape
+        rows_shape = tuple(factor_rows(torch.empty(shape, device="meta"), key).shape)
         if len(values_shape) != 2 or values_shape != indices_shape:
             raise CompactFormatError(
                 f"{path}: '{key}' values {list(values_shape)} and indices {list(indices_shape)} must be equal 2-D "
@@ -199,17 +197,17 @@ def _check_headers(path, layout, headers, expected_shapes, max_dense_bytes) -> d
                 f"{path}: '{key}' stores {list(values_shape)} (rows, kept) for declared shape {list(shape)}: expected "
                 f"{rows_shape[0]} rows and 1..{rows_shape[1]} kept entries per row."
             )
-        dense_bytes = shape[0] * shape[1] * 8
+        dense_bytes = math.prod(shape) * 8
         if expected_shapes is None and dense_bytes > max_dense_bytes:
             raise CompactFormatError(
                 f"{path}: '{key}' declares shape {list(shape)} ({dense_bytes} bytes dense), above max_dense_bytes="
                 f"{max_dense_bytes}; pass the model's shapes (load_compact does)."
             )
-        plans[key] = (rows_shape, rows_are_columns)
+        plans[key] = (rows_shape, shape)
     for key, (dtype, shape) in headers.items():
         if "::" in key:
             continue
-        if key.endswith(tuple(_MASK_OF.values())) and dtype != "BOOL":
+        if key.endswith(tuple(FACTOR_MASK_KEYS.values())) and dtype != "BOOL":
             raise CompactFormatError(f"{path}: mask '{key}' has dtype {dtype}, expected bool.")
         if expected_shapes is not None and tuple(expected_shapes.get(key, ())) != shape:
             raise CompactFormatError(

@@ -28,7 +28,6 @@ _UNSUPPORTED_LORA_OPTIONS = {
     "monteclora_config": lambda value: value is not None,
     "kasa_config": lambda value: value is not None,
     "use_qalora": lambda value: bool(value),
-    "target_parameters": lambda value: bool(value),
     "megatron_config": lambda value: value is not None,
     "ensure_weight_tying": lambda value: bool(value),
 }

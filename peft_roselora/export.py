@@ -10,10 +10,8 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .config import RoseLoraConfig
+from .layer import FACTOR_MASK_KEYS, mask_key_of
 from .training import get_roselora_model
-
-
-MASK_KEY_PARTS = ("lora_mask_A", "lora_mask_B")
 
 
 def export_to_lora(model: torch.nn.Module, save_directory: str, adapter_name: str = "default") -> LoraConfig:
@@ -40,12 +38,12 @@ def export_to_lora(model: torch.nn.Module, save_directory: str, adapter_name: st
         raise ValueError(f"`adapter_name` must name a RoseLoRA adapter of the model, got {adapter_name!r}.")
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
     exported = {}
+    mask_keys = set(FACTOR_MASK_KEYS.values())
     for key, value in state_dict.items():
-        for mask_part, factor in zip(MASK_KEY_PARTS, ("lora_A", "lora_B")):
-            if key.endswith(mask_part):
-                weight_key = key[: -len(mask_part)] + f"{factor}.weight"
-                exported[weight_key] = state_dict[weight_key].masked_fill(~value, 0)
-        if not any(key.endswith(part) for part in MASK_KEY_PARTS) and key not in exported:
+        mask_key = mask_key_of(key)
+        if mask_key is not None:
+            exported[key] = value.masked_fill(~state_dict[mask_key], 0)
+        elif not key.endswith(tuple(mask_keys)):
             exported[key] = value
     lora_fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init and f.name != "peft_type"}
     lora_config = LoraConfig(**{name: getattr(config, name) for name in lora_fields})

@@ -21,10 +21,42 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import Conv1d as LoraConv1d
+from peft.tuners.lora.layer import Conv2d as LoraConv2d
+from peft.tuners.lora.layer import Conv3d as LoraConv3d
+from peft.tuners.lora.layer import Embedding as LoraEmbedding
 from peft.tuners.lora.layer import LoraVariant
+from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
+from peft.tuners.lora.layer import ParamWrapper as LoraParamWrapper
 from peft.utils.other import transpose
 
 from . import sharding, sparsity, zero
+
+
+# state-dict key suffix of each factor (Linear-like and convolution layers; embeddings) -> the suffix of its mask
+FACTOR_MASK_KEYS = {
+    "lora_A.weight": "lora_mask_A",
+    "lora_B.weight": "lora_mask_B",
+    "lora_embedding_A": "lora_mask_A",
+    "lora_embedding_B": "lora_mask_B",
+}
+
+
+def factor_rows(tensor: torch.Tensor, factor_key: str) -> torch.Tensor:
+    """A saved factor (or its mask) as a 2-D matrix whose rows are what pruning keeps a fixed count of: ``lora_A``
+    ``(r, ...)`` -> ``(r, n)``; ``lora_B`` ``(out, r, ...)`` -> its columns, ``(r * ..., out)`` (a view)."""
+    matrix = tensor.reshape(tensor.shape[0], -1)
+    return matrix.T if FACTOR_MASK_KEYS[_factor_suffix(factor_key)].endswith("B") else matrix
+
+
+def _factor_suffix(key: str) -> str:
+    return next(suffix for suffix in FACTOR_MASK_KEYS if key.endswith(suffix))
+
+
+def mask_key_of(factor_key: str) -> Optional[str]:
+    """The state-dict key of the mask of the factor stored under ``factor_key``; None if it is not a factor."""
+    suffix = next((suffix for suffix in FACTOR_MASK_KEYS if factor_key.endswith(suffix)), None)
+    return None if suffix is None else factor_key[: -len(suffix)] + FACTOR_MASK_KEYS[suffix]
 
 
 # training forward passes of an adapter whose schedule never ran before RoseLoRA warns that this is plain LoRA
@@ -111,14 +143,10 @@ class RoseLoraLayer(LoraLayer):
             self.rose_masks_keep_all: dict[str, bool] = {}
             self.rose_masked_versions: dict[str, tuple[int, int]] = {}
             self.register_load_state_dict_post_hook(_after_load_state_dict)
-        base_weight = self.get_base_layer().weight
-        device = base_weight.device
-        self.lora_mask_A[adapter_name] = torch.ones(
-            self.lora_A[adapter_name].weight.shape, dtype=torch.bool, device=device
-        )
-        self.lora_mask_B[adapter_name] = torch.ones(
-            self.lora_B[adapter_name].weight.shape, dtype=torch.bool, device=device
-        )
+        device = self._rose_device()
+        weight_a, weight_b = self.factor_parameters(adapter_name)
+        self.lora_mask_A[adapter_name] = torch.ones(zero.full_shape(weight_a), dtype=torch.bool, device=device)
+        self.lora_mask_B[adapter_name] = torch.ones(zero.full_shape(weight_b), dtype=torch.bool, device=device)
         self.rose_masks_keep_all[adapter_name] = True
         self.rose_masked_versions.pop(adapter_name, None)
 
@@ -132,8 +160,46 @@ class RoseLoraLayer(LoraLayer):
         if mask_a.device.type != "meta":
             self.rose_masks_keep_all[adapter_name] = bool(mask_a.all()) and bool(mask_b.all())
 
+    def holds_adapter(self, adapter_name: str) -> bool:
+        """Whether this layer has factors (and masks) of ``adapter_name``."""
+        return adapter_name in getattr(self, "lora_mask_A", {})
+
+    def _rose_device(self) -> torch.device:
+        """Where masks are created: the base layer's weight's device (not the factors', which are on the meta device
+        while ``low_cpu_mem_usage=True`` loading runs)."""
+        return self.get_base_layer().weight.device
+
     def _factor_versions(self, adapter_name: str) -> tuple[int, int]:
-        return self.lora_A[adapter_name].weight._version, self.lora_B[adapter_name].weight._version
+        weight_a, weight_b = self.factor_parameters(adapter_name)
+        return weight_a._version, weight_b._version
+
+    # ---- rank-one terms: the rows of lora_A and the columns of lora_B ---------------------------------------------
+
+    @property
+    def term_blocks(self) -> int:
+        """Number of blocks the terms split into, each making its own part of the update (1; the experts of an
+        expert parameter; the groups of a grouped convolution). Term ``i`` belongs to block ``i // (terms / E)``."""
+        return 1
+
+    def effective_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The merged update of ``adapter_name`` as the forward applies it (what the sparsity report counts):
+        :meth:`get_delta_weight`, except where that is not defined (grouped convolutions)."""
+        return self.get_delta_weight(adapter_name)
+
+    def term_rows(self, tensor_a: torch.Tensor, tensor_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tensors shaped like ``[lora_A, lora_B]`` (weights, gradients, importance or masks) as two row-major
+        matrices, one row per rank-one term: ``(terms, n_a)``, the row of ``lora_A`` the term uses, and
+        ``(terms, n_b)``, its column of ``lora_B``. Row ``i`` of both belongs to the same term. Top-k selection,
+        densities and the Prop. 1 bound work on these (``docs/method.md``, "Layer types").
+
+        ``Linear`` / ``Conv1D`` / ``Embedding`` / ``MultiheadAttention``: ``(A, B.T)``, views. Layers whose factors
+        are laid out otherwise (convolutions, expert parameters) override this and :meth:`from_term_rows`.
+        """
+        return tensor_a, tensor_b.T
+
+    def from_term_rows(self, rows_a: torch.Tensor, rows_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse of :meth:`term_rows`: tensors shaped like ``[lora_A, lora_B]``."""
+        return rows_a, rows_b.T
 
     def ensure_masked(self, adapter_name: str) -> None:
         """Make the factors exactly zero outside the masks before they are used: a no-op (two integer comparisons)
@@ -183,12 +249,19 @@ class RoseLoraLayer(LoraLayer):
         )
         return weight_a * self.lora_mask_A[adapter_name], weight_b * self.lora_mask_B[adapter_name]
 
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """``scaling * (B * mask_B) @ (A * mask_A)``, transposed for ``fan_in_fan_out`` (``Conv1D``) bases.
+    def get_delta_weight(self, adapter: str, *args, **kwargs) -> torch.Tensor:
+        """The merged update of ``adapter`` from its masked factors: PEFT LoRA's own ``get_delta_weight`` of the layer
+        type once the factors are exactly zero outside their masks (differentiable: ``MultiheadAttention`` and
+        expert-parameter layers train through it). When FSDP2 or DeepSpeed ZeRO partitions the factors (``Linear``
+        layers), ``scaling * (B * mask_B) @ (A * mask_A)`` from the gathered factors, transposed for
+        ``fan_in_fan_out`` (``Conv1D``) bases.
 
         Returns:
             Tensor: shape of the base weight, in the dtype of the factors (computed in fp32 for half factors on CPU).
         """
+        if not any(sharding.is_sharded(w) or zero.is_zero_parameter(w) for w in self.factor_parameters(adapter)):
+            self.ensure_masked(adapter)
+            return super().get_delta_weight(adapter, *args, **kwargs)
         weight_a, weight_b = self.masked_factors(adapter)
         dtype = weight_b.dtype
         if weight_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
@@ -285,10 +358,11 @@ class RoseLoraLayer(LoraLayer):
         return shapes[0], shapes[1]
 
     @torch.no_grad()
-    def set_masks(self, adapter_name: str, mask_a: torch.Tensor, mask_b_rows: torch.Tensor) -> None:
-        """Store new masks: ``mask_a`` ``(r, in)`` and ``mask_b_rows`` ``(r, out)`` (the columns of ``lora_B``)."""
+    def set_masks(self, adapter_name: str, mask_a_rows: torch.Tensor, mask_b_rows: torch.Tensor) -> None:
+        """Store new masks given as term rows (:meth:`term_rows`): ``(terms, n_a)`` and ``(terms, n_b)``."""
+        mask_a, mask_b = self.from_term_rows(mask_a_rows, mask_b_rows)
         self.lora_mask_A[adapter_name].copy_(mask_a)
-        self.lora_mask_B[adapter_name].copy_(mask_b_rows.T)
+        self.lora_mask_B[adapter_name].copy_(mask_b)
         self.rose_masks_keep_all[adapter_name] = False
 
     def factors_and_masks(self, adapter_name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -325,3 +399,168 @@ class Linear(RoseLoraLayer, LoraLinear):
 
     def __repr__(self) -> str:
         return "roselora." + LoraLinear.__repr__(self)[len("lora.") :]
+
+
+class _MaskedBeforeUseLayer(RoseLoraLayer):
+    """RoseLoRA on PEFT LoRA layers that run LoRA's own forward and merge code (no ``LoraVariant``): the factors are
+    made exactly zero outside their masks before PEFT reads them (:meth:`ensure_masked`, a version-counter check when
+    nothing changed), so LoRA's code computes RoseLoRA's output and merged update; the masks are created with each
+    adapter. Gradients are those of the zeroed factors, as in the variant-based ``Linear``."""
+
+    def resolve_lora_variant(self, *, config, **kwargs) -> Optional[LoraVariant]:
+        return None  # LoRA's own code paths, on masked factors
+
+    def update_layer(self, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().update_layer(adapter_name, *args, **kwargs)
+        if adapter_name in self.lora_A or adapter_name in getattr(self, "lora_embedding_A", {}):
+            self.init_rose_state(adapter_name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.disable_adapters and not self.merged:
+            for adapter_name in self.lora_mask_A:
+                if (
+                    self.training
+                    and adapter_name in self.active_adapters
+                    and adapter_name not in self.rose_masked_versions
+                    and torch.is_grad_enabled()
+                ):
+                    self.count_unscheduled_forward()
+                self.ensure_masked(adapter_name)
+        return super().forward(x, *args, **kwargs)
+
+
+class Embedding(_MaskedBeforeUseLayer, LoraEmbedding):
+    """RoseLoRA on ``torch.nn.Embedding``: ``lora_embedding_A`` ``(r, num_embeddings)`` (a row per term, over the
+    vocabulary) and ``lora_embedding_B`` ``(embedding_dim, r)`` (a column per term)."""
+
+    def factor_parameters(self, adapter_name: str) -> list[torch.Tensor]:
+        return [self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]]
+
+    def __repr__(self) -> str:
+        return "roselora." + LoraEmbedding.__repr__(self)[len("lora.") :]
+
+
+class _ConvNd(_MaskedBeforeUseLayer):
+    """RoseLoRA on ``torch.nn.Conv1d`` / ``Conv2d`` / ``Conv3d``: ``lora_A`` is a convolution ``in -> r`` with the base
+    kernel, weight ``(r, in, *kernel)``: the row of term ``i`` is its ``in * prod(kernel)`` entries. ``lora_B`` is a
+    ``1x1`` convolution ``r -> out`` with the base layer's ``groups`` ``g``, weight ``(out, r / g, 1, ...)``: term
+    ``i = j * (r / g) + c`` reaches only the ``out / g`` output channels of group ``j``, and those entries are its
+    column (``out / g`` entries, pruned to ``ceil(tau * out / g)``)."""
+
+    def _groups(self) -> int:
+        return self.get_base_layer().groups
+
+    @property
+    def term_blocks(self) -> int:
+        return self._groups()
+
+    def effective_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """With ``groups > 1`` PEFT cannot merge (the update reaches every input channel, the base kernel only its
+        group's): the update as the forward applies it, a dense kernel ``(out, in, *kernel)``."""
+        if self._groups() == 1:
+            return self.get_delta_weight(adapter_name)
+        weight_a, weight_b = self.masked_factors(adapter_name)
+        rows_a, rows_b = self.term_rows(weight_a, weight_b)
+        delta = sparsity.blockwise_outer_sum(rows_a, rows_b, self._groups()) * self.scaling[adapter_name]
+        return delta.reshape(weight_b.shape[0], *weight_a.shape[1:])
+
+    def term_rows(self, tensor_a: torch.Tensor, tensor_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        groups = self._groups()
+        out_channels, ranks_per_group = tensor_b.shape[0], tensor_b.shape[1]
+        rows_b = (
+            tensor_b.reshape(groups, out_channels // groups, ranks_per_group)
+            .permute(0, 2, 1)
+            .reshape(groups * ranks_per_group, out_channels // groups)
+        )
+        return tensor_a.reshape(tensor_a.shape[0], -1), rows_b
+
+    def from_term_rows(self, rows_a: torch.Tensor, rows_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        groups = self._groups()
+        ranks, per_group = rows_b.shape
+        shape_a, shape_b = self._factor_shapes(ranks)
+        mask_b = rows_b.reshape(groups, ranks // groups, per_group).permute(0, 2, 1).reshape(shape_b)
+        return rows_a.reshape(shape_a), mask_b
+
+    def _factor_shapes(self, ranks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        base = self.get_base_layer()
+        kernel = tuple(base.weight.shape[2:])
+        ones = (1,) * len(kernel)
+        return (ranks, base.in_channels, *kernel), (base.out_channels, ranks // base.groups, *ones)
+
+    def __repr__(self) -> str:
+        return "roselora." + super().__repr__()[len("lora.") :]
+
+
+class Conv1d(_ConvNd, LoraConv1d):
+    """RoseLoRA on ``torch.nn.Conv1d`` (see :class:`_ConvNd` for rows and columns)."""
+
+
+class Conv2d(_ConvNd, LoraConv2d):
+    """RoseLoRA on ``torch.nn.Conv2d`` (see :class:`_ConvNd` for rows and columns)."""
+
+
+class Conv3d(_ConvNd, LoraConv3d):
+    """RoseLoRA on ``torch.nn.Conv3d`` (see :class:`_ConvNd` for rows and columns)."""
+
+
+class MultiheadAttention(_MaskedBeforeUseLayer, LoraMultiheadAttention):
+    """RoseLoRA on ``torch.nn.MultiheadAttention``: ``in_proj`` gets ``lora_A`` ``(r, embed)`` / ``lora_B``
+    ``(3 * embed, r)`` like a ``Linear``, and ``out_proj`` is a RoseLoRA :class:`Linear` (its own masks and
+    schedule entry). PEFT merges both into the attention's weights around every forward; the factors are masked
+    before that."""
+
+    def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kwargs) -> None:
+        super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
+        # PEFT wraps out_proj in its own LoRA Linear: RoseLoRA's takes its place (same base layer and adapter)
+        lora_out_proj = self.base_layer.out_proj
+        self.base_layer.out_proj = Linear(
+            lora_out_proj.get_base_layer(), adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs
+        )
+
+    def _rose_device(self) -> torch.device:
+        return self.get_base_layer().in_proj_weight.device
+
+    def __repr__(self) -> str:
+        return "roselora." + LoraMultiheadAttention.__repr__(self)[len("lora.") :]
+
+
+class ParamWrapper(_MaskedBeforeUseLayer, LoraParamWrapper):
+    """RoseLoRA on a bare ``nn.Parameter`` (``target_parameters``), 2-D or with a leading expert dimension ``E``.
+
+    PEFT holds the factors of all experts in one ``lora_A`` ``(E * r, in)`` and one ``lora_B`` ``(out, E * r)``; the
+    term of expert ``e`` and rank ``j`` uses row ``e * r + j`` of ``lora_A`` and column ``j * E + e`` of ``lora_B``
+    (PEFT's layout). Every expert's update is the sum of its own ``r`` sparse terms, so each expert's delta has
+    density at most ``r * tau^2``."""
+
+    def _rose_device(self) -> torch.device:
+        return self.get_param().device
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        # PEFT moves every per-adapter tensor to the parameter's dtype: masks stay bool
+        for store in (getattr(self, "lora_mask_A", {}), getattr(self, "lora_mask_B", {})):
+            if adapter_name in store and store[adapter_name].dtype != torch.bool:
+                store[adapter_name] = store[adapter_name].bool()
+
+    def term_rows(self, tensor_a: torch.Tensor, tensor_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        experts = self.num_experts
+        columns = tensor_b.T  # (E * r, out), column j * E + e at row j * E + e
+        ranks = columns.shape[0] // experts
+        return tensor_a, columns.reshape(ranks, experts, -1).transpose(0, 1).reshape(experts * ranks, -1)
+
+    def from_term_rows(self, rows_a: torch.Tensor, rows_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        experts = self.num_experts
+        ranks = rows_b.shape[0] // experts
+        columns = rows_b.reshape(experts, ranks, -1).transpose(0, 1).reshape(experts * ranks, -1)
+        return rows_a, columns.T
+
+    @property
+    def term_blocks(self) -> int:
+        return self.num_experts
+
+    def get_delta_factors(self, adapter_name):
+        self.ensure_masked(adapter_name)
+        return super().get_delta_factors(adapter_name)
+
+    def __repr__(self) -> str:
+        return "roselora." + LoraParamWrapper.__repr__(self)[len("lora.") :]

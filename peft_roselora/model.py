@@ -6,18 +6,48 @@ import warnings
 from typing import Optional, Union
 
 import torch
-from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available, is_hqq_available
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
 from . import sharding, sparsity, zero
 from .config import RoseLoraConfig
-from .layer import Linear, RoseLoraLayer
+from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, MultiheadAttention, ParamWrapper, RoseLoraLayer
 from .schedule import AdapterSchedule, ScheduleStateError, replay_last_keep_ratio, should_mask_gradients
 
 
-SUPPORTED_TARGETS = "torch.nn.Linear, transformers Conv1D, bitsandbytes Linear8bitLt and Linear4bit"
+SUPPORTED_TARGETS = (
+    "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d, torch.nn.MultiheadAttention, transformers "
+    "Conv1D, bitsandbytes Linear8bitLt and Linear4bit, torchao int8 weight-only Linear, HQQLinear, and parameters "
+    "named in `target_parameters`"
+)
+
+
+# quantization backends PEFT LoRA has layers for that RoseLoRA does not (none of them runs on CPU, where this project
+# is tested): top-level package of the quantized layer's class -> the backend's name
+UNSUPPORTED_QUANTIZERS = {
+    "auto_gptq": "GPTQ (auto-gptq)",
+    "gptqmodel": "GPTQ (GPTQModel)",
+    "awq": "AWQ (autoawq)",
+    "aqlm": "AQLM",
+    "eetq": "EETQ",
+    "neural_compressor": "Intel Neural Compressor",
+    "transformer_engine": "NVIDIA Transformer Engine",
+    "megatron": "Megatron-LM",
+}
+
+
+def _refuse_unsupported_quantizer(base_layer: torch.nn.Module, target_name: str) -> None:
+    """Raise a ``ValueError`` naming the backend if ``base_layer`` comes from a quantizer RoseLoRA does not support."""
+    package = type(base_layer).__module__.split(".")[0]
+    backend = UNSUPPORTED_QUANTIZERS.get(package)
+    if backend is not None:
+        raise ValueError(
+            f"RoseLoRA does not support {backend} quantized layers (module '{target_name}' of type "
+            f"{type(base_layer).__module__}.{type(base_layer).__qualname__}). Supported quantizers: bitsandbytes "
+            "4-bit and 8-bit, torchao int8 weight-only, HQQ; see docs/usage.md."
+        )
 
 
 class RoseLoraModel(LoraModel):
@@ -48,6 +78,8 @@ class RoseLoraModel(LoraModel):
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         target_name = kwargs.get("target_name", "<unknown>")
+        if kwargs.get("parameter_name") is not None:  # target_parameters
+            return ParamWrapper(target, adapter_name, config=lora_config, **kwargs)
         if is_bnb_available():
             import bitsandbytes as bnb
 
@@ -72,6 +104,28 @@ class RoseLoraModel(LoraModel):
                     quant_type=base_layer.weight.quant_type,
                 )
                 return Linear4bit(target, adapter_name, config=lora_config, **kwargs)
+        if is_hqq_available():
+            from .hqq import HQQLinear, HqqLinear
+
+            if isinstance(base_layer, HQQLinear):
+                return HqqLinear(base_layer, adapter_name, config=lora_config, **kwargs)
+        from .torchao import is_torchao_weight
+
+        if is_torchao_weight(base_layer):
+            from .torchao import TorchaoLinear
+
+            return TorchaoLinear(target, adapter_name, config=lora_config, **kwargs)
+        _refuse_unsupported_quantizer(base_layer, target_name)
+        typed_layers = (
+            (torch.nn.Embedding, Embedding),
+            (torch.nn.Conv1d, Conv1d),
+            (torch.nn.Conv2d, Conv2d),
+            (torch.nn.Conv3d, Conv3d),
+            (torch.nn.MultiheadAttention, MultiheadAttention),
+        )
+        for base_type, rose_type in typed_layers:
+            if isinstance(base_layer, base_type):
+                return rose_type(target, adapter_name, config=lora_config, **kwargs)
         if isinstance(base_layer, torch.nn.Linear):
             if lora_config.fan_in_fan_out:
                 warnings.warn(
@@ -116,7 +170,7 @@ class RoseLoraModel(LoraModel):
                 layer.apply_masks(name)
         super().add_weighted_adapter(adapters, weights, adapter_name, combination_type="cat", **kwargs)
         for _, layer in self._rose_layers(adapter_name):
-            sources = [name for name in adapters if name in layer.lora_A]
+            sources = [name for name in adapters if layer.holds_adapter(name)]
             stacked_a = torch.cat([layer.lora_mask_A[name] for name in sources], dim=0)
             stacked_b = torch.cat([layer.lora_mask_B[name] for name in sources], dim=1)
             # PEFT fills the first rows (columns) and leaves the rest of the summed rank zero where a layer holds
@@ -158,11 +212,11 @@ class RoseLoraModel(LoraModel):
         walk the model each step)."""
         cache = self.__dict__.setdefault("_rose_layer_cache", {})
         layers = cache.get(adapter_name)
-        if layers is None or (layers and adapter_name not in layers[0][1].lora_A):
+        if layers is None or (layers and not layers[0][1].holds_adapter(adapter_name)):
             layers = [
                 (name, module)
                 for name, module in self.model.named_modules()
-                if isinstance(module, RoseLoraLayer) and adapter_name in module.lora_A
+                if isinstance(module, RoseLoraLayer) and module.holds_adapter(adapter_name)
             ]
             cache[adapter_name] = layers
         return layers
@@ -355,7 +409,8 @@ class RoseLoraModel(LoraModel):
         scores, keeps = [], []
         for index, (_, layer) in enumerate(layers):
             for score in schedule.selection_scores(
-                importance[2 * index], importance[2 * index + 1], layer.lora_mask_A[name], layer.lora_mask_B[name]
+                *layer.term_rows(importance[2 * index], importance[2 * index + 1]),
+                *layer.term_rows(layer.lora_mask_A[name], layer.lora_mask_B[name]),
             ):
                 scores.append(score)
                 keeps.append(sparsity.kept_count(keep_ratio, score.shape[1]))
@@ -557,16 +612,23 @@ class RoseLoraModel(LoraModel):
             keep_ratio = None
         rows = []
         for module_name, module in self._rose_layers(adapter_name):
+            blocks = module.term_blocks
             if support_only:
-                weight_a = module.lora_mask_A[adapter_name].float()
-                weight_b = module.lora_mask_B[adapter_name].float()
-                delta = weight_b @ weight_a
+                rows_a, rows_b = module.term_rows(
+                    module.lora_mask_A[adapter_name].float(), module.lora_mask_B[adapter_name].float()
+                )
+                delta = sparsity.blockwise_outer_sum(rows_a, rows_b, blocks)  # the support of the merged update
             else:
-                weight_a, weight_b = module.masked_factors(adapter_name)
-                delta = module.get_delta_weight(adapter_name)
+                rows_a, rows_b = module.term_rows(*module.masked_factors(adapter_name))
+                delta = module.effective_delta_weight(adapter_name)
             rows.append(
                 sparsity.module_sparsity(
-                    module_name, weight_a, weight_b, delta, keep_ratio if keep_ratio is not None else config.keep_ratio
+                    module_name,
+                    rows_a,
+                    rows_b.T,
+                    delta,
+                    keep_ratio if keep_ratio is not None else config.keep_ratio,
+                    blocks=blocks,
                 )
             )
         schedule = self.adapter_schedule(adapter_name)

@@ -310,11 +310,12 @@ class AdapterSchedule:
     def selection_scores(
         self, importance_a: torch.Tensor, importance_b: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row-major scores of one module for the top-k, from its whole EMAs and masks: ``(r, in)`` for ``lora_A``
-        and ``(r, out)`` for the columns of ``lora_B``."""
+        """Row-major scores of one module for the top-k, from its whole EMAs and masks given as term rows
+        (``RoseLoraLayer.term_rows``): ``(terms, n_a)`` for the rows of ``lora_A`` and ``(terms, n_b)`` for the
+        columns of ``lora_B``."""
         return (
             selection_scores(importance_a, mask_a, self.persistent),
-            selection_scores(importance_b.T, mask_b.T, self.persistent),
+            selection_scores(importance_b, mask_b, self.persistent),
         )
 
     def _check_not_pending(self, call: str) -> None:

@@ -26,6 +26,7 @@ raise ``NotImplementedError`` naming the placement.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -33,13 +34,20 @@ from typing import Optional
 import torch
 
 
-def is_sharded(tensor: Optional[torch.Tensor]) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (a parameter or gradient sharded by FSDP2)."""
+@functools.cache
+def _dtensor_type() -> Optional[type]:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
+        return None
+    return DTensor
+
+
+def is_sharded(tensor: Optional[torch.Tensor]) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a parameter or gradient sharded by FSDP2). Called for every factor on
+    every step: the ``DTensor`` class is looked up once."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -139,11 +139,23 @@ def update_importance_emas(
 
 @torch.no_grad()
 def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one ``foreach`` max-norm per device, one synchronisation)."""
+    """Whether every entry of every tensor is finite.
+
+    One ``foreach`` 2-norm per device and one synchronisation: a NaN or inf entry makes its tensor's 2-norm NaN or
+    inf, so finite norms prove every entry finite. Only when some norm is not finite (a fault, or finite entries
+    above ~1e19 whose squares overflow) is the exact max-norm taken (about ten times slower on CPU, hence not the
+    first check).
+    """
     tensors = [tensor for tensor in tensors if tensor.numel()]  # a process may hold no rows of a factor (FSDP2)
     if not tensors:
         return True
-    norms = [norm.to(tensors[0].device) for norm in torch._foreach_norm(tensors, float("inf"))]
+    if _norms_finite(tensors, 2.0):
+        return True
+    return _norms_finite(tensors, float("inf"))
+
+
+def _norms_finite(tensors: list[torch.Tensor], order: float) -> bool:
+    norms = [norm.to(tensors[0].device) for norm in torch._foreach_norm(tensors, order)]
     return bool(torch.stack(norms).isfinite().all())
 
 
@@ -221,18 +233,37 @@ def factor_density(mask_or_weight: torch.Tensor, dim: int) -> torch.Tensor:
     return (mask_or_weight != 0).double().mean(dim=dim)
 
 
-def proposition1_density_bound(weight_a: torch.Tensor, weight_b: torch.Tensor) -> float:
+def proposition1_density_bound(weight_a: torch.Tensor, weight_b: torch.Tensor, blocks: int = 1) -> float:
     """Upper bound on the density of ``B @ A`` from Proposition 1: ``sum_i density(A_i*) * density(B_*i)``.
 
     Args:
-        weight_a (Tensor): ``lora_A`` weight, shape ``(r, in)``.
-        weight_b (Tensor): ``lora_B`` weight, shape ``(out, r)``.
+        weight_a (Tensor): ``lora_A`` weight, shape ``(r, in)`` (term rows).
+        weight_b (Tensor): ``lora_B`` weight, shape ``(out, r)`` (term columns, in the same term order).
+        blocks (int): ``E`` when the terms form ``E`` consecutive blocks of ``r / E``, each block making its own
+            part of the update (the experts of an expert parameter, the groups of a grouped convolution): the bound
+            is then on the density of the whole update, ``1 / E`` of the sum.
 
     Returns:
         float: the bound, clipped to 1.
     """
-    bound = (factor_density(weight_a, dim=1) * factor_density(weight_b, dim=0)).sum().item()
+    bound = (factor_density(weight_a, dim=1) * factor_density(weight_b, dim=0)).sum().item() / blocks
     return min(1.0, bound)
+
+
+def blockwise_outer_sum(rows_a: torch.Tensor, rows_b: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+    """The update ``sum_i b_i a_i^T`` of rank-one terms split into ``blocks`` consecutive blocks, each its own update.
+
+    Args:
+        rows_a (Tensor): ``(terms, n_a)``, term ``i``'s row of ``lora_A``.
+        rows_b (Tensor): ``(terms, n_b)``, term ``i``'s column of ``lora_B``.
+        blocks (int): number of blocks ``E`` dividing ``terms`` (experts, convolution groups).
+
+    Returns:
+        Tensor: ``(E, n_b, n_a)``; block ``e`` is ``sum`` over its terms of ``b_i a_i^T``.
+    """
+    return torch.einsum(
+        "etb,eta->eba", rows_b.reshape(blocks, -1, rows_b.shape[1]), rows_a.reshape(blocks, -1, rows_a.shape[1])
+    )
 
 
 def nominal_density_bound(rank: int, keep_ratio: float, in_features: int, out_features: int) -> float:
@@ -268,6 +299,7 @@ class ModuleSparsity:
     delta_numel: int
     nominal_bound: float
     proposition1_bound: float
+    blocks: int = 1
 
     @property
     def factor_nonzeros(self) -> int:
@@ -275,7 +307,7 @@ class ModuleSparsity:
 
     @property
     def factor_numel(self) -> int:
-        return self.rank * (self.in_features + self.out_features)
+        return self.blocks * self.rank * (self.in_features + self.out_features)
 
     @property
     def delta_density(self) -> float:
@@ -283,11 +315,20 @@ class ModuleSparsity:
 
 
 def module_sparsity(
-    name: str, weight_a: torch.Tensor, weight_b: torch.Tensor, delta: torch.Tensor, keep_ratio: float
+    name: str,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    delta: torch.Tensor,
+    keep_ratio: float,
+    blocks: int = 1,
 ) -> ModuleSparsity:
-    """Measure one module: ``weight_a`` ``(r, in)``, ``weight_b`` ``(out, r)``, ``delta`` the merged update (any
-    orientation), ``keep_ratio`` the ratio the nominal bound is computed for."""
+    """Measure one module: ``weight_a`` ``(r, in)``, ``weight_b`` ``(out, r)`` (term rows and columns: for
+    convolutions ``in`` is ``in_channels * prod(kernel)`` and ``out`` the ``out_channels / groups`` one term
+    reaches), ``delta`` the merged update (any orientation; for ``E`` experts the ``E`` stacked updates),
+    ``keep_ratio`` the ratio the nominal bound is computed for. With ``blocks=E`` (experts, convolution groups) the
+    rank is ``r / E`` per block and the bounds are on the density of the whole update."""
     rank, in_features = weight_a.shape
+    rank //= blocks
     out_features = weight_b.shape[0]
     return ModuleSparsity(
         name=name,
@@ -301,7 +342,8 @@ def module_sparsity(
         delta_nonzeros=int(torch.count_nonzero(delta)),
         delta_numel=delta.numel(),
         nominal_bound=nominal_density_bound(rank, keep_ratio, in_features, out_features),
-        proposition1_bound=proposition1_density_bound(weight_a, weight_b),
+        proposition1_bound=proposition1_density_bound(weight_a, weight_b, blocks),
+        blocks=blocks,
     )
 
 

@@ -70,7 +70,6 @@ def test_bad_schedule_values_raise_named_errors(kwargs, message):
     "kwargs,name",
     [
         ({"use_dora": True}, "use_dora"),
-        ({"target_parameters": ["weight"]}, "target_parameters"),
         ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens"),
         ({"use_qalora": True}, "use_qalora"),
         ({"ensure_weight_tying": True}, "ensure_weight_tying"),

@@ -260,10 +260,20 @@ def test_add_weighted_adapter_cat_keeps_masks_and_others_are_refused():
 def test_unsupported_target_module_is_a_clear_error():
     with pytest.raises(
         ValueError,
-        match=r"RoseLoRA cannot adapt module 'model.embed_tokens' of type "
-        r"torch.nn.modules.sparse.Embedding",
+        match=r"RoseLoRA cannot adapt module 'model.norm' of type "
+        r"transformers.models.llama.modeling_llama.LlamaRMSNorm; supported types are torch.nn.Linear, "
+        r"torch.nn.Embedding",
     ):
-        get_peft_model(make_tiny_llama(), RoseLoraConfig(target_modules=["embed_tokens"]))
+        get_peft_model(make_tiny_llama(), RoseLoraConfig(target_modules=["norm"]))
+
+
+def test_layers_of_unsupported_quantizers_are_refused_naming_the_backend():
+    # a stand-in with the class path of GPTQModel's quantized linear layer (GPTQ kernels need a GPU)
+    gptq_layer = type("QuantLinear", (torch.nn.Linear,), {"__module__": "gptqmodel.nn_modules.qlinear"})
+    model = torch.nn.Sequential()
+    model.add_module("proj", gptq_layer(4, 4))
+    with pytest.raises(ValueError, match=r"RoseLoRA does not support GPTQ \(GPTQModel\) quantized layers"):
+        get_peft_model(model, RoseLoraConfig(target_modules=["proj"]))
 
 
 def test_inject_adapter_in_model_and_state_dict_helpers():

@@ -77,6 +77,17 @@ def test_importance_emas_first_update_then_smoothing_for_many_factors():
     assert half[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize(
+    "value, finite",
+    [(1.0, True), (1e30, True), (-3e38, True), (math.nan, False), (math.inf, False), (-math.inf, False)],
+)
+def test_all_finite_is_exact_also_where_the_two_norm_overflows(value, finite):
+    # 1e30 and -3e38 are finite but their squares overflow the fast 2-norm check: the exact check must say finite
+    tensors = [torch.ones(3, 4), torch.tensor([[0.5, value]]), torch.empty(0, 4)]
+    assert sparsity.all_finite(tensors) is finite
+    assert sparsity.all_finite([torch.empty(0)]) is True
+
+
 def _random_factors(rank, in_features, out_features, row_densities, col_densities, seed):
     generator = torch.Generator().manual_seed(seed)
     weight_a = torch.zeros(rank, in_features)

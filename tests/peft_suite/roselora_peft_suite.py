@@ -48,7 +48,6 @@ UNSUPPORTED_KWARGS = {
     "kasa_config",
     "velora_config",
     "init_lora_weights",
-    "target_parameters",
     "alora_invocation_tokens",
     "arrow_config",
     "use_bdlora",
@@ -57,8 +56,6 @@ UNSUPPORTED_KWARGS = {
     "lora_ga_config",
     "use_qalora",
 }
-# custom-model ids whose LoRA rows target only Linear / Conv1D layers with these target names
-SUPPORTED_CUSTOM_TARGETS = {"lin0", "lin1", "lin2", "conv1d", "linear", "layers.0.lin0"}
 RANDOM_MASKS = os.environ.get("ROSELORA_RANDOM_MASKS") == "1"
 # ROSELORA_SUITE_CONFIG=lora runs the very same selection with plain LoraConfig: the baseline whose skips RoseLoRA's
 # skips are compared with
@@ -88,13 +85,9 @@ def _rose_kwargs(kwargs: dict) -> dict | None:
 
 
 def _targets_supported(model_id: str, kwargs: dict) -> bool:
-    targets = kwargs.get("target_modules")
-    if targets is None:
-        return False
-    names = {targets} if isinstance(targets, str) else set(targets)
-    if model_id.startswith(("Conv2d", "Conv3d", "MHA", "Conv1d", "Conv1dBigger", "Conv2d1x1")):
-        return False
-    return names <= SUPPORTED_CUSTOM_TARGETS
+    # every layer type plain LoRA adapts in PEFT's custom models (Linear, Embedding, transformers Conv1D,
+    # Conv1d/2d/3d incl. groups, MultiheadAttention, target_parameters) is a RoseLoRA target too
+    return kwargs.get("target_modules") is not None or bool(kwargs.get("target_parameters"))
 
 
 def _patch_custom_models(module) -> None:
@@ -230,22 +223,15 @@ def _install_random_masks() -> None:
     def init_rose_state(self, adapter_name):
         original(self, adapter_name)
         with torch.no_grad():
-            for factor, masks, dim in (("lora_A", self.lora_mask_A, 1), ("lora_B", self.lora_mask_B, 0)):
-                weight = getattr(self, factor)[adapter_name].weight
-                if weight.device.type == "meta":
-                    continue
-                mask = torch.rand(weight.shape, device=weight.device) < 0.5
-                # at least one kept entry per row of A / column of B
-                keep_one = (
-                    torch.nn.functional.one_hot(
-                        torch.randint(weight.shape[dim], (weight.shape[1 - dim],)), weight.shape[dim]
-                    )
-                    .bool()
-                    .to(weight.device)
-                )
-                mask |= keep_one if dim == 1 else keep_one.T
-                masks[adapter_name] = mask
-                weight.masked_fill_(~mask, 0)
+            weights = self.factor_parameters(adapter_name)
+            if any(weight.device.type == "meta" for weight in weights):
+                return
+            rows = [torch.rand(row.shape, device=row.device) < 0.5 for row in self.term_rows(*weights)]
+            for row in rows:  # at least one kept entry per row of A / column of B (term rows)
+                row[torch.arange(row.shape[0]), torch.randint(row.shape[1], (row.shape[0],))] = True
+            for masks, weight, mask in zip((self.lora_mask_A, self.lora_mask_B), weights, self.from_term_rows(*rows)):
+                masks[adapter_name] = mask.contiguous()
+                weight.masked_fill_(~masks[adapter_name], 0)
                 _RANDOM_MASKS_CREATED[0] += 1
             self.refresh_mask_state(adapter_name)
 
