@@ -30,19 +30,35 @@ def enabled() -> bool:
     return os.environ.get(ENVIRONMENT_VARIABLE, "1").strip().lower() not in _OFF_VALUES
 
 
+# set while registration waits for a module that was still being imported when peft finished (a circular import:
+# some package imports peft from inside its own import); retried at the next import once that module is complete
+_waiting_for: list = []
+
+
 def _register() -> None:
     try:
-        import peft_roselora  # noqa: F401  (registers RoseLoRA with PEFT on import)
+        import peft_roselora  # noqa: F401  (registers RoseLoraConfig / RoseLoraModel with PEFT on import)
+    except ImportError as error:
+        blocking = sys.modules.get(error.name or "")
+        if blocking is not None and getattr(getattr(blocking, "__spec__", None), "_initializing", False):
+            _waiting_for[:] = [blocking]
+            sys.meta_path.insert(0, PeftImportWatcher())
+            return
+        _warn(error)
     except Exception as error:  # never break the user's `import peft`
-        import warnings
+        _warn(error)
 
-        warnings.warn(
-            f"peft-roselora could not register RoseLoRA with PEFT automatically ({type(error).__name__}: {error}); "
-            f"`import peft_roselora` before loading RoseLoRA adapters, or set {ENVIRONMENT_VARIABLE}=0 to silence "
-            "this.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+
+def _warn(error: BaseException) -> None:
+    import warnings
+
+    warnings.warn(
+        f"peft-roselora could not register RoseLoRA with PEFT automatically ({type(error).__name__}: {error}); "
+        f"`import peft_roselora` before loading RoseLoRA adapters, or set {ENVIRONMENT_VARIABLE}=0 to silence "
+        "this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 class _RegisteringLoader:
@@ -56,6 +72,7 @@ class _RegisteringLoader:
 
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
+        _uninstall()
         _register()
 
     def __getattr__(self, name):  # get_resource_reader, is_package, ... of the real loader
@@ -63,14 +80,23 @@ class _RegisteringLoader:
 
 
 class PeftImportWatcher:
-    """A ``sys.meta_path`` finder that answers only for ``peft`` (once): it finds ``peft``'s real spec with the
-    other finders and wraps its loader so that RoseLoRA is registered right after ``peft`` is imported."""
+    """A ``sys.meta_path`` finder that answers only for ``peft``: it finds ``peft``'s real spec with the other
+    finders and wraps its loader so that RoseLoRA is registered right after ``peft`` is executed, then leaves
+    ``sys.meta_path``. (``importlib.util.find_spec("peft")``, as availability checks call it, executes nothing: the
+    watcher stays until the real import.)"""
 
     def find_spec(self, fullname, path=None, target=None):
+        if _waiting_for:
+            if not getattr(getattr(_waiting_for[0], "__spec__", None), "_initializing", False):
+                _waiting_for.clear()
+                _uninstall()
+                _register()
+            return None
         if fullname != "peft":
             return None
-        _uninstall()
         for finder in sys.meta_path:
+            if isinstance(finder, PeftImportWatcher):
+                continue
             find_spec = getattr(finder, "find_spec", None)
             if find_spec is None:
                 continue

@@ -104,19 +104,6 @@ def test_save_and_load_in_a_fresh_process(kind, tmp_path):
     )
 
 
-@pytest.mark.slow
-def test_loading_without_the_import_fails_with_keyerror(tmp_path):
-    model = _trained("llama")
-    model.save_pretrained(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-c", f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode != 0 and "KeyError: 'ROSELORA'" in result.stderr
-
-
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_merge_unmerge_disable(kind):
     model = _trained(kind)
