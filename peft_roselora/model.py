@@ -163,7 +163,8 @@ class RoseLoraModel(LoraModel):
             raise ValueError(
                 f"add_weighted_adapter with combination_type={combination_type!r} is not supported for RoseLoRA: it "
                 "would sum or re-factorise the sparse factors and break their row/column masks. Use "
-                "combination_type='cat', which keeps them exactly."
+                "combination_type='cat', which keeps them exactly; for a dense combination, export each adapter with "
+                "peft_roselora.export_to_lora and combine the plain LoRA adapters with PEFT."
             )
         for name in adapters:  # PEFT's cat reads the raw factors
             for _, layer in self._rose_layers(name):
@@ -621,6 +622,9 @@ class RoseLoraModel(LoraModel):
             else:
                 rows_a, rows_b = module.term_rows(*module.masked_factors(adapter_name))
                 delta = module.effective_delta_weight(adapter_name)
+            parameter_name = getattr(module, "parameter_name", None)
+            if parameter_name is not None:  # target_parameters: name the parameter, not the nested wrappers
+                module_name = module_name.replace(".base_layer", "") + f".{parameter_name}"
             rows.append(
                 sparsity.module_sparsity(
                     module_name,

@@ -149,6 +149,7 @@ def test_a_process_that_never_imports_peft_imports_nothing_heavy():
     assert result.stdout.strip() == "['_peft_roselora_autoload']"
 
 
+@pytest.mark.slow
 def test_a_broken_peft_roselora_never_breaks_import_peft(tmp_path):
     broken = tmp_path / "peft_roselora"
     broken.mkdir()
@@ -168,6 +169,7 @@ def test_a_broken_peft_roselora_never_breaks_import_peft(tmp_path):
     assert "broken on purpose" in result.stdout
 
 
+@pytest.mark.slow
 def test_registration_waits_for_a_module_that_imports_peft_from_inside_its_own_import(tmp_path):
     # `circular` imports peft while it is itself being imported, and (this stand-in) peft_roselora needs `circular`:
     # the hook must wait until `circular` is complete, then register at the next import
@@ -191,6 +193,7 @@ def test_registration_waits_for_a_module_that_imports_peft_from_inside_its_own_i
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_the_hook_registers_at_once_if_peft_is_already_imported_and_is_idempotent():
     result = _fresh(
         """

@@ -37,6 +37,30 @@ ZSRE = Path(__file__).resolve().parent / "fixtures" / "zsre_sample.json"  # 12 r
 
 
 @pytest.mark.slow
+def test_autoload_startup_benchmark_smoke(tmp_path):
+    output = tmp_path / "autoload.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "autoload_startup.py"),
+            "--runs",
+            "2",
+            "--commands",
+            "start",
+            "stdlib",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(output.read_text())
+    assert {"start", "stdlib"} <= set(summary) and summary["start"]["hook_off_median_s"] > 0
+
+
+@pytest.mark.slow
 def test_fsdp2_step_benchmark_smoke(tmp_path):
     # 2 real processes (gloo): every method runs sharded, the schedule's collectives are counted; no timing asserts
     output = tmp_path / "fsdp2_step.json"

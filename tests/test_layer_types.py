@@ -242,3 +242,19 @@ def test_expert_parameter_layout_pairs_rows_and_columns_per_expert():
     assert torch.allclose(delta, blocks, atol=1e-7)
     back_a, back_b = layer.from_term_rows(rows_a, rows_b)
     assert torch.equal(back_a, weight_a) and torch.equal(back_b, weight_b)
+
+
+@pytest.mark.parametrize("name", ["embedding", "conv2d", "mha", "experts"])
+def test_only_adapter_parameters_train_and_every_factor_moves(name):
+    build, data, targets = CASES[name]
+    torch.manual_seed(0)
+    reference = build()
+    model, _ = _train(name)
+    adapted = dict(model.base_model.model.named_parameters())
+    for key, value in reference.state_dict().items():  # the base model's weights, under their wrapped names
+        matches = [p for n, p in adapted.items() if n.replace(".base_layer", "") == key and "lora_" not in n]
+        # MultiheadAttention merges and unmerges around every forward (PEFT LoRA's way): float round-off only
+        assert matches and torch.allclose(matches[0], value, atol=1e-6, rtol=0), key
+    for layer in _layers(model):
+        for weight in layer.factor_parameters("default"):
+            assert weight.abs().sum() > 0  # trained (lora_B / lora_embedding_A start at zero)

@@ -108,8 +108,11 @@ def lora_baseline(peft_sdist, tmp_path_factory) -> dict:
 def test_peft_generic_suite(peft_sdist, lora_baseline, random_masks, tmp_path):
     summary = _run_suite(peft_sdist, "roselora", random_masks, tmp_path)
     assert summary["config"] == "RoseLoraConfig"
-    assert summary["passed"] >= 500
-    assert summary["passed"] == lora_baseline["passed"]
+    assert summary["passed"] >= 1300  # every plain-LoRA row: MLP, Embedding, Conv1D, Conv1d/2d/3d, MHA, parameters
+    # random masks: a few tests whose fixed tolerance sparse masks can legitimately miss run with dense masks only
+    # (DESELECTED_WITH_RANDOM_MASKS in the plugin names each with its reason)
+    assert summary["deselected_with_random_masks"] <= 2
+    assert summary["passed"] == lora_baseline["passed"] - summary["deselected_with_random_masks"]
     unexplained = {_normalise(i) for i in summary["skipped"]} - set(lora_baseline["skipped"])
     assert not unexplained, f"skips that PEFT does not have for LoRA: {sorted(unexplained)}"
     if random_masks:
