@@ -205,6 +205,25 @@ def test_grouped_convolution_report_counts_the_update_the_forward_applies():
         model.merge_adapter()
 
 
+def test_grouped_convolution_saves_loads_compacts_and_exports(tmp_path):
+    model, inputs = _train("conv2d-groups")
+    build = CASES["conv2d-groups"][0]
+    with torch.no_grad():
+        expected = model(inputs)
+    model.save_pretrained(tmp_path / "adapter")
+    peft_roselora.save_compact(model, tmp_path / "compact")
+    peft_roselora.export_to_lora(model, tmp_path / "lora")
+    loaded = []
+    for folder in ("adapter", "lora"):
+        torch.manual_seed(0)
+        loaded.append(PeftModel.from_pretrained(build(), tmp_path / folder).eval())
+    torch.manual_seed(0)
+    loaded.append(peft_roselora.load_compact(build(), tmp_path / "compact").eval())
+    with torch.no_grad():
+        for other in loaded:
+            assert torch.allclose(other(inputs), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["embedding", "conv2d", "mha", "experts"])
 def test_persistent_mode_keeps_pruned_entries_pruned(name):
     model, _ = _train(name, mode="persistent", steps=8)
