@@ -124,8 +124,11 @@ def adapter_config(method: str, rank: int):
             deltaT=1,
             total_step=FAR,
         )
-    if method == "roselora-decay":
-        return RoseLoraConfig(**common, keep_ratio=0.1, prune_start_step=0, prune_end_step=FAR, total_step=FAR)
+    if method in ("roselora-decay", "roselora-decay-bf16-importance"):
+        dtype = "bfloat16" if method.endswith("bf16-importance") else "float32"
+        return RoseLoraConfig(
+            **common, keep_ratio=0.1, prune_start_step=0, prune_end_step=FAR, total_step=FAR, importance_dtype=dtype
+        )
     mode = "persistent" if method.endswith("persistent") else "reselect"
     return RoseLoraConfig(
         **common, keep_ratio=0.1, prune_start_step=0, prune_end_step=1, total_step=FAR, prune_mode=mode
@@ -376,7 +379,13 @@ def main() -> None:
 
     memory = {}
     if not args.no_memory:
-        for method in ("lora", "roselora-decay", "roselora-final-persistent", "adalora"):
+        for method in (
+            "lora",
+            "roselora-decay",
+            "roselora-decay-bf16-importance",
+            "roselora-final-persistent",
+            "adalora",
+        ):
             command = [
                 sys.executable,
                 __file__,
@@ -424,6 +433,11 @@ def main() -> None:
         result["memory_allowed_bytes"] = allowed
         # the allowance of issue "Performance at real model shapes": one fp32 copy of the adapter
         result["memory_extra_in_fp32_adapter_copies"] = extra / memory["roselora-decay"]["fp32_importance_bytes"]
+        bf16 = memory["roselora-decay-bf16-importance"]["train_bytes"] - memory["lora"]["train_bytes"]
+        result["memory_bf16_importance_minus_lora_bytes"] = bf16
+        result["memory_bf16_importance_in_fp32_adapter_copies"] = (
+            bf16 / memory["roselora-decay"]["fp32_importance_bytes"]
+        )
         if "steady_train_bytes" in memory["lora"]:
             steady = memory["roselora-final-persistent"]["steady_train_bytes"] - memory["lora"]["steady_train_bytes"]
             result["memory_persistent_after_tf_minus_lora_bytes"] = steady
@@ -449,7 +463,8 @@ def main() -> None:
             f"training memory: RoseLoRA - LoRA = {result['memory_roselora_minus_lora_bytes'] / 2**20:.1f} MiB "
             f"(allowed: fp32 importance + masks = {result['memory_allowed_bytes'] / 2**20:.1f} MiB); AdaLoRA - LoRA "
             f"= {(memory['adalora']['train_bytes'] - memory['lora']['train_bytes']) / 2**20:.1f} MiB; RoseLoRA - LoRA "
-            f"= {result['memory_extra_in_fp32_adapter_copies']:.2f} fp32 copies of the adapter"
+            f"= {result['memory_extra_in_fp32_adapter_copies']:.2f} fp32 copies of the adapter "
+            f"({result['memory_bf16_importance_in_fp32_adapter_copies']:.2f} with importance_dtype='bfloat16')"
         )
     for row in result.get("schedule_scaling", []):
         modules, rank, ms = row["adapted_modules"], row["rank"], row["schedule_ms"]

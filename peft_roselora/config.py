@@ -14,6 +14,7 @@ from .sparsity import resolve_step
 
 
 PRUNE_MODES = ("reselect", "persistent")
+IMPORTANCE_DTYPES = ("float32", "bfloat16")
 # deprecated spellings of prune_mode (accepted with a FutureWarning until 0.3)
 _DEPRECATED_PRUNE_MODES = {"authors": "reselect"}
 
@@ -82,6 +83,14 @@ class RoseLoraConfig(LoraConfig):
     importance_beta: float = field(
         default=0.8,
         metadata={"help": "EMA coefficient beta in [0, 1) of the sensitivity |w * grad| (authors' value 0.8)."},
+    )
+    importance_dtype: Literal["float32", "bfloat16"] = field(
+        default="float32",
+        metadata={
+            "help": "Storage dtype of the importance EMAs: 'float32' (default; the authors' arithmetic, one fp32 copy of "
+            "the adapter) or 'bfloat16' (half the memory; each update is computed in fp32 and rounded once to "
+            "bfloat16, so top-k ties and near-ties may select differently from fp32)."
+        },
     )
     prune_interval: int = field(
         default=1,
@@ -161,6 +170,10 @@ class RoseLoraConfig(LoraConfig):
             _is_number(self.clamp_value) and math.isfinite(self.clamp_value) and self.clamp_value > 0
         ):
             raise ValueError(f"`clamp_value` must be None (off) or a number > 0, got {self.clamp_value!r}.")
+        if not isinstance(self.importance_dtype, str) or self.importance_dtype not in IMPORTANCE_DTYPES:
+            raise ValueError(
+                f"`importance_dtype` must be one of {list(IMPORTANCE_DTYPES)}, got {self.importance_dtype!r}."
+            )
         if not isinstance(self.prune_mode, str) or self.prune_mode not in PRUNE_MODES:
             raise ValueError(f"`prune_mode` must be one of {list(PRUNE_MODES)}, got {self.prune_mode!r}.")
         if self.total_step is not None and (

@@ -1,7 +1,7 @@
 """The schedule state of one RoseLoRA adapter (``AdapterSchedule``) and the pure decisions of each training step.
 
 ``AdapterSchedule`` is the one owner of everything the schedule remembers between optimizer steps: the step ``t``,
-whether the importance of the current step has been taken, the keep ratio of the last mask selection, the fp32
+whether the importance of the current step has been taken, the keep ratio of the last mask selection, the
 importance EMAs of every factor, and the fault counters (steps the GradScaler skipped, steps whose gradients were
 not finite). It has ``state_dict()`` / ``load_state_dict()``; ``RoseLoraModel`` holds one per adapter and calls it,
 the layers hold factors and masks only. The decisions (when to re-select masks, when to clamp, when the importance is
@@ -77,7 +77,7 @@ def selection_scores(importance: torch.Tensor, mask: torch.Tensor, persistent: b
     """Scores the top-k selects from: the importance, with pruned entries at -1 in persistent mode.
 
     Args:
-        importance (Tensor): fp32 EMA, any shape.
+        importance (Tensor): EMA (float32 or bfloat16), any shape.
         mask (Tensor): bool mask of the same shape (True = kept).
         persistent (bool): whether pruned entries must stay pruned.
 
@@ -131,7 +131,8 @@ class AdapterSchedule:
         last_keep_ratio (float | None): the keep ratio of the last mask selection.
         skipped_steps (int): optimizer steps skipped (GradScaler overflow): neither importance nor prune ran.
         nonfinite_steps (int): steps whose gradients held NaN/inf: the importance EMA kept its previous value.
-        importance_A / importance_B (dict[str, Tensor]): fp32 EMAs per module name, shapes ``(r, in)``, ``(out, r)``.
+        importance_A / importance_B (dict[str, Tensor]): EMAs per module name (in ``config.importance_dtype``),
+            shapes ``(r, in)``, ``(out, r)``.
     """
 
     def __init__(self, config) -> None:
@@ -224,7 +225,9 @@ class AdapterSchedule:
                 if ema is not None and ema.device != weight.device:  # the model moved (model.to(device))
                     store[name] = ema = ema.to(weight.device)
                 previous.append(ema)
-        updated = sparsity.update_importance_emas(previous, weights, grads, self.config.importance_beta, agree)
+        updated = sparsity.update_importance_emas(
+            previous, weights, grads, self.config.importance_beta, agree, dtype=self.importance_dtype
+        )
         finite = updated is not None
         if finite:
             for index, name in enumerate(module_names):
@@ -303,6 +306,11 @@ class AdapterSchedule:
         self.check_step(step)
         self.step = int(step)
 
+    @property
+    def importance_dtype(self) -> torch.dtype:
+        """The EMAs' storage dtype (``config.importance_dtype``; configs older than the field hold float32)."""
+        return torch.bfloat16 if getattr(self.config, "importance_dtype", "float32") == "bfloat16" else torch.float32
+
     def importance_of(self, module_names: list[str]) -> list[torch.Tensor]:
         """The EMAs ``[I_A, I_B]`` of each module in turn (the rows this process holds under FSDP2)."""
         return [store[name] for name in module_names for store in (self.importance_A, self.importance_B)]
@@ -341,7 +349,7 @@ class AdapterSchedule:
         }
 
     def state_dict(self) -> dict:
-        """Everything needed to resume exactly: counters, flags, the configuration fingerprint and the fp32 EMAs
+        """Everything needed to resume exactly: counters, flags, the configuration fingerprint and the EMAs
         (detached CPU copies). Values are tensors, ints, floats, bools, strings and None, so the dict can travel in
         ``torch.save`` files loaded with ``weights_only=True``."""
         return {
@@ -411,7 +419,7 @@ class AdapterSchedule:
                         f"RoseLoRA schedule state '{factor}' of module '{module_name}' has shape {got}, expected a "
                         f"float tensor of shape {want}."
                     )
-                emas[factor][module_name] = value.to(device=devices[module_name], dtype=torch.float32).clone()
+                emas[factor][module_name] = value.to(device=devices[module_name], dtype=self.importance_dtype).clone()
         self.step = state["step"]
         self.importance_pending = bool(state["importance_pending"])
         self.pending_nonfinite = bool(state["pending_nonfinite"])

@@ -93,6 +93,7 @@ def update_importance_emas(
     grads: list[torch.Tensor],
     beta: float,
     agree: Optional[Callable[[bool], bool]] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor] | None:
     """Smoothed sensitivity ``I_bar <- beta * I_bar + (1 - beta) * |w * g|`` for many factors at once
     (``docs/method.md``, "Importance"), unless some ``|w * g|`` is not finite.
@@ -108,9 +109,11 @@ def update_importance_emas(
         beta (float): the EMA coefficient in ``[0, 1)``.
         agree (callable | None): combines this process's finiteness flag with the other processes' when each holds
             only some rows (FSDP2), so that all take the same decision; None for one process.
+        dtype (torch.dtype): storage dtype of the EMAs, ``float32`` or ``bfloat16``. With ``bfloat16`` the update
+            is computed in fp32 from the stored values and rounded once.
 
     Returns:
-        list[Tensor] | None: the updated fp32 EMAs (the given tensors where they existed), in input order; ``None``
+        list[Tensor] | None: the updated EMAs (in ``dtype``) (the given tensors where they existed), in input order; ``None``
         when a gradient or weight holds NaN or inf, in which case no EMA was touched.
     """
     groups = list(_group_by_device(weights).values())
@@ -129,11 +132,17 @@ def update_importance_emas(
         existing = [j for j, i in enumerate(indices) if importances[i] is not None]
         if existing:
             previous = [importances[indices[j]] for j in existing]
-            torch._foreach_mul_(previous, beta)
-            torch._foreach_add_(previous, [sensitivity[j] for j in existing], alpha=1.0 - beta)
+            if dtype == torch.float32:
+                torch._foreach_mul_(previous, beta)
+                torch._foreach_add_(previous, [sensitivity[j] for j in existing], alpha=1.0 - beta)
+            else:  # fp32 arithmetic, one rounding into the stored dtype
+                updated = [sensitivity[j] for j in existing]
+                torch._foreach_mul_(updated, 1.0 - beta)
+                torch._foreach_add_(updated, [value.float() for value in previous], alpha=beta)
+                torch._foreach_copy_(previous, updated)
         for j, i in enumerate(indices):
             if importances[i] is None:
-                result[i] = sensitivity[j]
+                result[i] = sensitivity[j].to(dtype)
     return result
 
 

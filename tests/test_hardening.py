@@ -250,12 +250,15 @@ def _steps(model, optimizer, first, last):
         optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("prune_mode", ["reselect", "persistent"])
-def test_plain_torch_save_of_optimizer_and_adapter_resumes_exactly(tmp_path, prune_mode):
-    full = _model(prune_mode=prune_mode)
+@pytest.mark.parametrize(
+    "prune_mode, importance_dtype",
+    [("reselect", "float32"), ("persistent", "float32"), ("reselect", "bfloat16")],
+)
+def test_plain_torch_save_of_optimizer_and_adapter_resumes_exactly(tmp_path, prune_mode, importance_dtype):
+    full = _model(prune_mode=prune_mode, importance_dtype=importance_dtype)
     _steps(full, _hooked(full), 0, 12)
 
-    run = _model(prune_mode=prune_mode)
+    run = _model(prune_mode=prune_mode, importance_dtype=importance_dtype)
     optimizer = _hooked(run)
     _steps(run, optimizer, 0, 5)  # mid decay
     run.save_pretrained(tmp_path / "adapter")
@@ -266,6 +269,8 @@ def test_plain_torch_save_of_optimizer_and_adapter_resumes_exactly(tmp_path, pru
     optimizer = _hooked(resumed)
     optimizer.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
     assert resumed.steps_taken() == 5 and OPTIMIZER_STATE_KEY not in optimizer.param_groups[0]
+    emas = resumed.base_model.adapter_schedule("default").importance_A.values()
+    assert {ema.dtype for ema in emas} == {getattr(torch, importance_dtype)}
     _steps(resumed, optimizer, 5, 12)
     assert resumed.steps_taken() == 12
     _assert_same(_lora_state(resumed), _lora_state(full))

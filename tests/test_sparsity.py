@@ -77,6 +77,22 @@ def test_importance_emas_first_update_then_smoothing_for_many_factors():
     assert half[0].dtype == torch.float32
 
 
+def test_bfloat16_importance_is_the_fp32_update_rounded_once():
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(3, 7, generator=generator), torch.randn(5, 3, generator=generator)]
+    grads = [torch.randn(3, 7, generator=generator), torch.randn(5, 3, generator=generator)]
+    first = sparsity.update_importance_emas([None, None], weights, grads, 0.8, dtype=torch.bfloat16)
+    assert all(ema.dtype == torch.bfloat16 for ema in first)
+    assert all(torch.equal(ema, (w * g).abs().bfloat16()) for ema, w, g in zip(first, weights, grads))
+    stored = [ema.clone() for ema in first]
+    new_grads = [torch.randn(3, 7, generator=generator), torch.randn(5, 3, generator=generator)]
+    second = sparsity.update_importance_emas(first, weights, new_grads, 0.8, dtype=torch.bfloat16)
+    assert second[0] is first[0]  # in place
+    for ema, old, w, g in zip(second, stored, weights, new_grads):
+        expected = ((w * g).abs() * 0.2 + old.float() * 0.8).bfloat16()
+        assert ema.dtype == torch.bfloat16 and torch.equal(ema, expected)
+
+
 @pytest.mark.parametrize(
     "value, finite",
     [(1.0, True), (1e30, True), (-3e38, True), (math.nan, False), (math.inf, False), (-math.inf, False)],
