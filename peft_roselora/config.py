@@ -87,8 +87,8 @@ class RoseLoraConfig(LoraConfig):
     importance_dtype: Literal["float32", "bfloat16"] = field(
         default="float32",
         metadata={
-            "help": "Storage dtype of the importance EMAs: 'float32' (default; the authors' arithmetic, one fp32 copy of "
-            "the adapter) or 'bfloat16' (half the memory; each update is computed in fp32 and rounded once to "
+            "help": "Storage dtype of the importance EMAs: 'float32' (default; the authors' arithmetic, one fp32 copy "
+            "of the adapter) or 'bfloat16' (half the memory; each update is computed in fp32 and rounded once to "
             "bfloat16, so top-k ties and near-ties may select differently from fp32)."
         },
     )

@@ -113,8 +113,8 @@ def update_importance_emas(
             is computed in fp32 from the stored values and rounded once.
 
     Returns:
-        list[Tensor] | None: the updated EMAs (in ``dtype``) (the given tensors where they existed), in input order; ``None``
-        when a gradient or weight holds NaN or inf, in which case no EMA was touched.
+        list[Tensor] | None: the updated EMAs in ``dtype`` (the given tensors where they existed), in input order;
+        ``None`` when a gradient or weight holds NaN or inf, in which case no EMA was touched.
     """
     groups = list(_group_by_device(weights).values())
     sensitivities = []

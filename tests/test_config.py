@@ -28,7 +28,10 @@ def test_defaults_and_peft_type():
         ({"importance_beta": -0.1}, r"`importance_beta` must be a number in \[0, 1\), got -0.1"),
         ({"importance_beta": "0.8"}, r"`importance_beta` must be a number in \[0, 1\), got '0.8'"),
         ({"importance_beta": None}, r"`importance_beta` must be a number in \[0, 1\), got None"),
-        ({"importance_dtype": "float16"}, r"`importance_dtype` must be one of \['float32', 'bfloat16'\], got 'float16'"),
+        (
+            {"importance_dtype": "float16"},
+            r"`importance_dtype` must be one of \['float32', 'bfloat16'\], got 'float16'",
+        ),
         ({"clamp_value": "3e-3"}, r"`clamp_value` must be None \(off\) or a number > 0, got '3e-3'"),
         ({"clamp_value": float("inf")}, r"`clamp_value` must be None \(off\) or a number > 0, got inf"),
         ({"prune_mode": 1}, r"`prune_mode` must be one of \['reselect', 'persistent'\], got 1"),
