@@ -47,8 +47,8 @@ def _masks(model):
     return {k: v for k, v in model.state_dict().items() if "lora_mask" in k}
 
 
-def _run_fresh(code: str, **paths) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+def _run_fresh(code: str, env_overrides: dict | None = None, **paths) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", **(env_overrides or {})}
     script = textwrap.dedent(code).format(**{k: repr(str(v)) for k, v in paths.items()})
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -156,7 +156,7 @@ def test_export_to_plain_lora_loads_in_stock_peft(kind, tmp_path):
     assert json.loads((export_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert config.r == 4
     save_file({"logits": _logits(model), "ids": random_batch(99)}, tmp_path / "expected.safetensors")
-    # a process that never imports peft_roselora
+    # a process without peft_roselora (the import-free loading hook switched off, as on a machine without it)
     _run_fresh(
         """
         import sys, torch
@@ -170,6 +170,7 @@ def test_export_to_plain_lora_loads_in_stock_peft(kind, tmp_path):
         with torch.no_grad():
             assert torch.allclose(model(input_ids=expected["ids"]).logits, expected["logits"], atol=1e-6)
         """,
+        {"PEFT_ROSELORA_AUTOLOAD": "0"},
         expected=tmp_path / "expected.safetensors",
         base=base_dir,
         adapter=export_dir,
