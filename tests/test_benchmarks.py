@@ -28,8 +28,15 @@ def test_train_step_benchmark_smoke(tmp_path):
     methods = {"lora", "roselora-decay", "roselora-final", "roselora-final-persistent", "adalora"}
     assert set(summary["step_seconds_median"]) == methods
     assert set(summary["step_ratio_to_lora_paired"]) == methods
-    assert set(summary["memory"]) == {"lora", "roselora-decay", "roselora-final-persistent", "adalora"}
+    assert set(summary["memory"]) == {
+        "lora",
+        "roselora-decay",
+        "roselora-decay-bf16-importance",
+        "roselora-final-persistent",
+        "adalora",
+    }
     assert "memory_persistent_after_tf_in_fp32_adapter_copies" in summary
+    assert "memory_bf16_importance_in_fp32_adapter_copies" in summary
     assert len(summary["schedule_scaling"]) == 6
 
 
