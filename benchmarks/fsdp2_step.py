@@ -35,6 +35,10 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import TARGETS, adapter_config, build_base  # noqa: E402
 
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
+from _distributed import leave_after_clean_run  # noqa: E402
+
 import peft_roselora  # noqa: E402
 
 
@@ -178,3 +182,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_after_clean_run()

@@ -46,6 +46,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from peft_roselora import RoseLoraConfig, register_optimizer_hooks
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _distributed import leave_after_clean_run  # noqa: E402
+
+
 GLOBAL_BATCH = 6  # rows per optimizer step, split evenly over 1, 2 or 3 processes
 SEQUENCE = 12
 VOCAB = 128
@@ -234,9 +238,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # all work is done and written: leave without the interpreter teardown, where a gloo background thread of
-        # torch 2.13 can abort the process ("terminate called without an active exception") after a clean run
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_after_clean_run()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 from datasets import Dataset
@@ -21,6 +22,10 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from peft_roselora import RoseLoraCallback, RoseLoraConfig
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _distributed import leave_after_clean_run  # noqa: E402
 
 
 def main() -> None:
@@ -77,3 +82,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_after_clean_run()

@@ -43,6 +43,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 from peft_roselora import RoseLoraCallback, RoseLoraConfig
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _distributed import leave_after_clean_run  # noqa: E402
+
+
 GLOBAL_BATCH = 6
 
 
@@ -180,9 +184,4 @@ class StopAtFirstSave(TrainerCallback):
 
 if __name__ == "__main__":
     main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # all work is done and written: leave without the interpreter teardown, where a gloo background thread of
-        # torch 2.13 can abort the process ("terminate called without an active exception") after a clean run
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_after_clean_run()
