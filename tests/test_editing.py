@@ -101,6 +101,34 @@ def test_full_zsre_copy_loads_and_reports_its_one_bad_record():
     assert [(index, name) for index, name, _ in loaded.rejected] == [(83, "alt")]
 
 
+def test_dev_test_split_is_deterministic_disjoint_and_order_free():
+    from peft_roselora.editing import select_split, split_of
+
+    requests = load_edit_requests(str(ZSRE), on_invalid="collect").requests
+    dev, test = select_split(requests, "dev"), select_split(requests, "test")
+    assert [r.record_id for r in dev] == [1, 3, 4, 5, 6, 9, 11]  # fixed by content: the same on every machine
+    assert sorted(r.record_id for r in dev + test) == [r.record_id for r in requests]
+    assert select_split(list(reversed(requests)), "dev") == list(reversed(dev))  # order does not matter
+    assert select_split(requests[:5], "dev") == [r for r in dev if r.record_id < 5]  # neither does --limit
+    assert select_split(requests, "all") == requests
+    assert all(split_of(r, dev_fraction=0.999999) == "dev" for r in requests)
+    with pytest.raises(ValueError, match=r"`split` must be one of \['all', 'dev', 'test'\], got 'train'"):
+        select_split(requests, "train")
+    with pytest.raises(ValueError, match=r"`dev_fraction` must be a number in \(0, 1\), got 1.0"):
+        split_of(requests[0], 1.0)
+
+
+def test_full_zsre_copy_splits_into_dev_and_test():
+    from peft_roselora.editing import select_split
+
+    root = os.environ.get("ROSELORA_DATA")
+    if not root:
+        pytest.skip("the full zsRE copy is checked only with ROSELORA_DATA=DIR (CI sets it to ../shared/data)")
+    requests = load_edit_requests(str(Path(root) / "zsre" / "zsre_mend_eval_subset.json"), on_invalid="collect")
+    dev, test = select_split(requests.requests, "dev"), select_split(requests.requests, "test")
+    assert (len(dev), len(test)) == (411, 371)  # of the 782 valid records
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -324,6 +352,18 @@ def _strict_json(text):
     return json.loads(text, parse_constant=refuse)
 
 
+def test_cli_edits_one_side_of_the_split(cli_setup):
+    from peft_roselora.editing import cli, load_edit_requests, select_split
+
+    tmp_path, base = cli_setup
+    expected = select_split(load_edit_requests(str(tmp_path / "edits.json")).requests, "test", 0.5)
+    assert cli.main(base + ["--split", "test", "--output", str(tmp_path / "out.json")]) == 0
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["split"] == "test" and report["records"] == len(expected)
+    rows = report["methods"]["roselora"]["records"]
+    assert [row["record_ids"] for row in rows] == [[r.record_id] for r in expected]
+
+
 def test_cli_streams_records_so_a_crash_keeps_the_finished_ones(cli_setup, monkeypatch):
     from peft_roselora.editing import cli
 
@@ -402,6 +442,8 @@ def test_cli_user_errors_are_one_line_and_exit_2(cli_setup, capsys, content, mes
         ("--lr", "-1", "--lr must be a finite number > 0, got '-1'"),
         ("--keep-ratio", "1.5", "--keep-ratio must be in (0, 1], got '1.5'"),
         ("--steps", "0", "--steps must be an integer >= 1, got '0'"),
+        ("--dev-fraction", "1", "--dev-fraction must be a number in (0, 1), got '1'"),
+        ("--split", "train", "--split: invalid choice: 'train'"),
     ],
 )
 def test_cli_bad_options_exit_2_naming_the_option(cli_setup, capsys, option, value, message):

@@ -1,6 +1,14 @@
 """Knowledge editing with RoseLoRA: EasyEdit-compatible requests, loaders, metrics and an editor with baselines."""
 
-from .data import EditDataError, EditRequest, LoadedRequests, load_edit_requests, parse_edit_records
+from .data import (
+    EditDataError,
+    EditRequest,
+    LoadedRequests,
+    load_edit_requests,
+    parse_edit_records,
+    select_split,
+    split_of,
+)
 from .editor import METHODS, EditHyperParams, Editor, EditResult
 
 
@@ -14,4 +22,6 @@ __all__ = [
     "LoadedRequests",
     "load_edit_requests",
     "parse_edit_records",
+    "select_split",
+    "split_of",
 ]

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .data import EditDataError, load_edit_requests
+from .data import SPLITS, EditDataError, load_edit_requests, select_split
 from .editor import METHODS, EditHyperParams, Editor
 
 
@@ -93,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", default="roselora", choices=[*METHODS, "all"])
     parser.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
     parser.add_argument("--limit", type=_positive_int("--limit"), default=None, help="first N records only")
+    parser.add_argument(
+        "--split",
+        default="all",
+        choices=list(SPLITS),
+        help="edit only one side of the deterministic dev (tuning) / test (reporting) split, decided per record by a "
+        "hash of its prompt and target (see peft_roselora.editing.split_of); default all",
+    )
+    parser.add_argument(
+        "--dev-fraction",
+        type=_number_option("--dev-fraction", float, "a number in (0, 1)", lambda value: 0 < value < 1),
+        default=0.5,
+        help="share of records on the dev side of --split (default 0.5)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=_finite_positive("--lr"), default=None, help="learning rate (default 5e-4)")
     parser.add_argument(
@@ -159,6 +172,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
         stream.write_text("")
         loaded = load_edit_requests(args.data, limit=args.limit, on_invalid="collect")
+        loaded.requests = select_split(loaded.requests, args.split, args.dev_fraction)
     except (OSError, EditDataError) as error:
         return _user_error(str(error) if isinstance(error, EditDataError) else f"{error.strerror}: {error.filename}")
     if not os.path.isdir(args.model):
@@ -177,6 +191,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "model": args.model,
         "data": args.data,
         "mode": args.mode,
+        "split": args.split,
+        "dev_fraction": args.dev_fraction,
+        "records": len(loaded.requests),
         "seed": args.seed,
         "rejected": [{"record": i, "field": f, "error": m} for i, f, m in loaded.rejected],
         "methods": {},

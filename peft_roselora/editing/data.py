@@ -6,6 +6,7 @@ field, unless ``on_invalid="collect"``, which returns it in ``LoadedRequests.rej
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -240,3 +241,35 @@ def load_edit_requests(
             f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
         ) from None
     return parse_edit_records(records, fmt=fmt, limit=limit, on_invalid=on_invalid)
+
+
+SPLITS = ("all", "dev", "test")
+
+
+def split_of(request: EditRequest, dev_fraction: float = 0.5) -> str:
+    """``"dev"`` or ``"test"`` for one request, decided by its content alone: the first 8 bytes of the SHA-256 of
+    ``prompt`` and ``target_new`` as a number in ``[0, 1)``, ``"dev"`` below ``dev_fraction``. The split therefore
+    does not depend on the order of the records, on ``--limit`` or on the other records, and a record keeps its
+    side when the data file grows.
+
+    Raises:
+        ValueError: if ``dev_fraction`` is not a number in ``(0, 1)``.
+    """
+    if isinstance(dev_fraction, bool) or not isinstance(dev_fraction, (int, float)) or not 0 < dev_fraction < 1:
+        raise ValueError(f"`dev_fraction` must be a number in (0, 1), got {dev_fraction!r}.")
+    digest = hashlib.sha256(f"{request.prompt}\x1f{request.target_new}".encode()).digest()
+    return "dev" if int.from_bytes(digest[:8], "big") / 2**64 < dev_fraction else "test"
+
+
+def select_split(requests: list[EditRequest], split: str, dev_fraction: float = 0.5) -> list[EditRequest]:
+    """The requests of one side of the deterministic dev (tuning) / test (reporting) split (:func:`split_of`), in
+    their original order; ``split="all"`` returns them all.
+
+    Raises:
+        ValueError: if ``split`` is not one of ``all``, ``dev``, ``test``, or ``dev_fraction`` is out of range.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"`split` must be one of {list(SPLITS)}, got {split!r}.")
+    if split == "all":
+        return list(requests)
+    return [request for request in requests if split_of(request, dev_fraction) == split]
