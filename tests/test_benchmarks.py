@@ -100,11 +100,16 @@ def test_editing_benchmark_quick(tmp_path):
         str(ZSRE),
         "--limit",
         "13",  # the 12 valid records and the malformed one
+        "--split",
+        "test",  # records 0, 2, 7, 8, 10 of the fixture (tests/test_editing.py pins the split)
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(output.read_text())
-    assert summary["records"] == 12 and set(summary["methods"]) == {"roselora", "lora", "adalora", "ft-l"}
+    assert summary["records_loaded"] == 12 and summary["split"] == "test" and summary["records"] == 5
+    assert set(summary["methods"]) == {"roselora", "lora", "adalora", "ft-l"}
+    for method in summary["methods"].values():
+        assert [row["record_ids"] for row in method["records"]] == [[0], [2], [7], [8], [10]]
     assert [row["record"] for row in summary["rejected"]] == [12]  # the shipped malformed record is reported
     for method in summary["methods"].values():
         for name in ("reliability", "generalization", "locality"):

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from peft_roselora.editing import METHODS, EditHyperParams, Editor, load_edit_requests
+from peft_roselora.editing import METHODS, EditHyperParams, Editor, load_edit_requests, select_split
 from peft_roselora.editing.cli import summarize
 from peft_roselora.editing.data import LoadedRequests, parse_edit_records
 from peft_roselora.editing.metrics import accuracy, encode_prompt_target
@@ -190,6 +190,14 @@ def main(argv=None) -> int:
         "--clamp", type=float, default=None, help="RoseLoRA clamp value; 0 turns it off (default: the recipe's 3e-3)"
     )
     parser.add_argument("--ft-norm", type=float, default=None, help="FT-L L-infinity bound (default 5e-4)")
+    parser.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "dev", "test"],
+        help="edit only the dev (tuning) or test (reporting) side of the deterministic split "
+        "(peft_roselora.editing.split_of); the base model is trained on all records either way",
+    )
+    parser.add_argument("--dev-fraction", type=float, default=0.5, help="share of records on the dev side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden", type=int, default=192)
     parser.add_argument("--layers", type=int, default=3)
@@ -207,9 +215,14 @@ def main(argv=None) -> int:
     except FileNotFoundError as error:
         print(f"run.py: {error}", file=sys.stderr)
         return 2
-    requests = loaded.requests
     start = time.perf_counter()
-    model_path = Path(args.model) if args.model else train_base_model(requests, args)
+    # the benchmark model knows every record's fact, so that the dev and the test side are edited on one base model
+    model_path = Path(args.model) if args.model else train_base_model(loaded.requests, args)
+    try:
+        requests = select_split(loaded.requests, args.split, args.dev_fraction)
+    except ValueError as error:
+        print(f"run.py: {error}", file=sys.stderr)
+        return 2
     base_seconds = time.perf_counter() - start
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     base = AutoModelForCausalLM.from_pretrained(model_path).eval()
@@ -231,6 +244,9 @@ def main(argv=None) -> int:
         "data": args.data or f"hf://datasets/{HUB_DATASET}/{HUB_FILE}",
         "model": str(model_path),
         "records": len(requests),
+        "split": args.split,
+        "dev_fraction": args.dev_fraction,
+        "records_loaded": len(loaded.requests),
         "seed": args.seed,
         "rejected": [{"record": i, "field": f, "error": m} for i, f, m in loaded.rejected],
         "base_true_answer_accuracy": knows,
