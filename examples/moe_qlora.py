@@ -31,20 +31,11 @@ import peft_roselora
 from peft_roselora import RoseLoraConfig
 
 
-VOCAB, LENGTH, BATCH = 64, 12, 16
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quickstart import VOCAB, accuracy, rule_batch  # noqa: E402  (the toy rules of the quickstart)
+
+
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-
-
-def rule_batch(shift: int, generator: torch.Generator) -> torch.Tensor:
-    start = torch.randint(0, VOCAB, (BATCH, 1), generator=generator)
-    return (start + shift * torch.arange(LENGTH)) % VOCAB
-
-
-def accuracy(model, shift: int, generator: torch.Generator) -> float:
-    ids = rule_batch(shift, generator)
-    with torch.no_grad():
-        predictions = model(input_ids=ids).logits[:, :-1].argmax(-1)
-    return (predictions == ids[:, 1:]).float().mean().item()
 
 
 def pretrained_base(folder: str, steps: int = 150) -> None:

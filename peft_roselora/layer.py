@@ -46,11 +46,7 @@ def factor_rows(tensor: torch.Tensor, factor_key: str) -> torch.Tensor:
     """A saved factor (or its mask) as a 2-D matrix whose rows are what pruning keeps a fixed count of: ``lora_A``
     ``(r, ...)`` -> ``(r, n)``; ``lora_B`` ``(out, r, ...)`` -> its columns, ``(r * ..., out)`` (a view)."""
     matrix = tensor.reshape(tensor.shape[0], -1)
-    return matrix.T if FACTOR_MASK_KEYS[_factor_suffix(factor_key)].endswith("B") else matrix
-
-
-def _factor_suffix(key: str) -> str:
-    return next(suffix for suffix in FACTOR_MASK_KEYS if key.endswith(suffix))
+    return matrix.T if mask_key_of(factor_key).endswith("B") else matrix
 
 
 def mask_key_of(factor_key: str) -> Optional[str]:
