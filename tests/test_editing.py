@@ -116,6 +116,8 @@ def test_dev_test_split_is_deterministic_disjoint_and_order_free():
         select_split(requests, "train")
     with pytest.raises(ValueError, match=r"`dev_fraction` must be a number in \(0, 1\), got 1.0"):
         split_of(requests[0], 1.0)
+    with pytest.raises(ValueError, match=r"`dev_fraction` must be a number in \(0, 1\), got 2"):
+        select_split(requests, "all", 2)  # checked even where it is not used
 
 
 def test_full_zsre_copy_splits_into_dev_and_test():

@@ -215,14 +215,14 @@ def main(argv=None) -> int:
     except FileNotFoundError as error:
         print(f"run.py: {error}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    # the benchmark model knows every record's fact, so that the dev and the test side are edited on one base model
-    model_path = Path(args.model) if args.model else train_base_model(loaded.requests, args)
-    try:
+    try:  # checked before the base model is trained
         requests = select_split(loaded.requests, args.split, args.dev_fraction)
     except ValueError as error:
         print(f"run.py: {error}", file=sys.stderr)
         return 2
+    start = time.perf_counter()
+    # the benchmark model knows every record's fact, so that the dev and the test side are edited on one base model
+    model_path = Path(args.model) if args.model else train_base_model(loaded.requests, args)
     base_seconds = time.perf_counter() - start
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     base = AutoModelForCausalLM.from_pretrained(model_path).eval()

@@ -255,8 +255,7 @@ def split_of(request: EditRequest, dev_fraction: float = 0.5) -> str:
     Raises:
         ValueError: if ``dev_fraction`` is not a number in ``(0, 1)``.
     """
-    if isinstance(dev_fraction, bool) or not isinstance(dev_fraction, (int, float)) or not 0 < dev_fraction < 1:
-        raise ValueError(f"`dev_fraction` must be a number in (0, 1), got {dev_fraction!r}.")
+    _check_dev_fraction(dev_fraction)
     digest = hashlib.sha256(f"{request.prompt}\x1f{request.target_new}".encode()).digest()
     return "dev" if int.from_bytes(digest[:8], "big") / 2**64 < dev_fraction else "test"
 
@@ -270,6 +269,12 @@ def select_split(requests: list[EditRequest], split: str, dev_fraction: float = 
     """
     if split not in SPLITS:
         raise ValueError(f"`split` must be one of {list(SPLITS)}, got {split!r}.")
+    _check_dev_fraction(dev_fraction)  # also for "all": a bad value is never ignored
     if split == "all":
         return list(requests)
     return [request for request in requests if split_of(request, dev_fraction) == split]
+
+
+def _check_dev_fraction(dev_fraction: float) -> None:
+    if isinstance(dev_fraction, bool) or not isinstance(dev_fraction, (int, float)) or not 0 < dev_fraction < 1:
+        raise ValueError(f"`dev_fraction` must be a number in (0, 1), got {dev_fraction!r}.")
