@@ -1,15 +1,18 @@
-"""Knowledge editing with RoseLoRA (the authors' recipe) and the baselines LoRA, AdaLoRA and FT-L.
+"""Knowledge editing with RoseLoRA (the authors' recipe) and the baselines LoRA, AdaLoRA, FT-L, MEMIT and AlphaEdit.
 
 ``Editor.edit_single`` starts every edit from the unedited model (fresh adapter, fresh importance), trains on the
 target tokens only, and reports the metrics of ``metrics.py`` together with how many base weights the edit changed.
-``edit_batch`` writes several facts with one adapter; ``edit_sequential`` merges each edit before the next one.
+``edit_batch`` writes several facts with one adapter (one MEMIT / AlphaEdit update); ``edit_sequence`` applies edits
+one after another to the same model, merging each, and measures every edit so far at checkpoints
+(``state_dict`` / ``load_state_dict`` resume it). The many-edit mode (``replay``, ``preserve_weight``) is described in
+docs/editing.md.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
@@ -18,9 +21,12 @@ from ..config import RoseLoraConfig
 from ..training import get_roselora_model
 from . import metrics
 from .data import EditRequest
+from .locate import LocateThenEdit
 
 
-METHODS = ("roselora", "lora", "adalora", "ft-l")
+METHODS = ("roselora", "lora", "adalora", "ft-l", "memit", "alphaedit")
+ADAPTER_METHODS = ("roselora", "lora", "adalora")
+LOCATE_METHODS = ("memit", "alphaedit")
 
 
 @dataclass
@@ -30,9 +36,18 @@ class EditHyperParams:
 
     ``ft_layer`` (FT-L): index of the decoder layer whose MLP down projection is fine-tuned (default: the middle
     layer); ``ft_norm``: its L-infinity bound on the weight change.
+
+    MEMIT / AlphaEdit (``peft_roselora.editing.locate``; defaults: the papers'): ``edit_layers`` (default a block at
+    15-30 % of the depth), the target vector's optimiser ``v_lr`` / ``v_steps`` / ``v_weight_decay`` /
+    ``kl_factor`` / ``clamp_norm_factor``, MEMIT's ``mom2_weight`` (lambda), AlphaEdit's ``nullspace_threshold`` and
+    ``l2``. They ignore the adapter fields (``r``, ``lr``, ``steps``, ...), and the gradient methods ignore theirs.
+
+    Many-edit mode (every gradient method, sequential editing): ``replay`` earlier edits of the sequence are added to
+    each step's loss (a fresh uniform sample each step); ``preserve_weight`` > 0 adds that weight times the KL from
+    the model before the edit to the edited model on ``preserve_batch`` texts of the editor's text sample.
     """
 
-    method: Literal["roselora", "lora", "adalora", "ft-l"] = "roselora"
+    method: Literal["roselora", "lora", "adalora", "ft-l", "memit", "alphaedit"] = "roselora"
     r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.1
@@ -44,21 +59,48 @@ class EditHyperParams:
     prune_end_step: int = 20
     clamp_value: Optional[float] = 3e-3
     early_stop_loss: float = 0.1
+    adalora_target_r: Optional[int] = None
     ft_layer: Optional[int] = None
     ft_norm: float = 5e-4
+    edit_layers: Optional[tuple[int, ...]] = None
+    v_lr: float = 0.5
+    v_steps: int = 25
+    v_weight_decay: float = 1e-3
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0
+    mom2_weight: float = 15000.0
+    nullspace_threshold: float = 2e-2
+    l2: float = 10.0
+    replay: int = 0
+    preserve_weight: float = 0.0
+    preserve_batch: int = 8
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r}")
         if self.steps < 1:
             raise ValueError(f"`steps` must be >= 1, got {self.steps}")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ValueError(f"`lr` must be > 0, got {self.lr}")
         if not 0 <= self.prune_start_step < self.prune_end_step <= self.steps:
             raise ValueError(
                 f"the schedule must satisfy 0 <= prune_start_step < prune_end_step <= steps, got "
                 f"prune_start_step={self.prune_start_step}, prune_end_step={self.prune_end_step}, steps={self.steps}"
             )
+        if self.adalora_target_r is not None and not 1 <= self.adalora_target_r <= self.r:
+            raise ValueError(f"`adalora_target_r` must be in [1, r={self.r}], got {self.adalora_target_r}")
+        for name in ("v_lr", "mom2_weight", "nullspace_threshold", "l2", "clamp_norm_factor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}")
+        for name in ("v_weight_decay", "kl_factor", "preserve_weight", "replay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        for name in ("v_steps", "preserve_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.edit_layers is not None:
+            self.edit_layers = tuple(self.edit_layers)
+        self.target_modules = tuple(self.target_modules)
 
     @classmethod
     def scaled_to(cls, steps: int, **kwargs) -> EditHyperParams:
@@ -96,35 +138,111 @@ class EditResult:
         return {**asdict(self), "changed_fraction_of_adapted": self.changed_fraction_of_adapted}
 
 
-def _example(tokenizer, request: EditRequest, device) -> tuple[torch.Tensor, torch.Tensor]:
-    prompt_ids, target_ids = metrics.encode_prompt_target(tokenizer, request.prompt, request.target_new)
-    input_ids = torch.tensor([prompt_ids + target_ids], device=device)
-    labels = torch.tensor([[-100] * len(prompt_ids) + target_ids], device=device)
-    return input_ids, labels
+@dataclass
+class SequenceCheckpoint:
+    """Sequential editing after ``edits`` edits, every edit so far measured on the current model: ``retention`` (mean
+    reliability), ``generalization``, ``locality`` (against the unedited model), ``portability``; ``changed_weights``
+    the base weights that now differ from the unedited model's (of ``editable_weights`` the method may change and
+    ``total_weights``); ``seconds`` spent editing so far (measuring excluded)."""
+
+    edits: int
+    retention: float
+    generalization: Optional[float]
+    locality: Optional[float]
+    portability: Optional[float]
+    changed_weights: int
+    editable_weights: int
+    total_weights: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "changed_fraction_of_editable": self.changed_weights / max(1, self.editable_weights),
+            "changed_fraction_of_all": self.changed_weights / max(1, self.total_weights),
+        }
+
+
+def _padded_examples(tokenizer, requests: Sequence[EditRequest], device) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``prompt + target`` ids ``(n, T)``, attention mask and labels (``-100`` outside the targets)."""
+    pairs = [metrics.encode_prompt_target(tokenizer, r.prompt, r.target_new) for r in requests]
+    width = max(len(p) + len(t) for p, t in pairs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(pairs), width), pad, device=device)
+    labels = torch.full((len(pairs), width), -100, device=device)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long, device=device)
+    for row, (prompt_ids, target_ids) in enumerate(pairs):
+        ids = prompt_ids + target_ids
+        input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
+        labels[row, len(prompt_ids) : len(ids)] = torch.tensor(target_ids, device=device)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask, labels
 
 
 def _target_loss(model, examples) -> torch.Tensor:
-    """Mean over requests of the cross-entropy on the target tokens only."""
-    losses = []
-    for input_ids, labels in examples:
-        logits = model(input_ids=input_ids).logits[:, :-1]
-        losses.append(
-            torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
-        )
-    return torch.stack(losses).mean()
+    """Mean over requests of each request's mean cross-entropy on its target tokens (one padded forward pass)."""
+    input_ids, mask, labels = examples
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    shifted = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shifted.shape)
+    counts = (shifted != -100).sum(dim=1)
+    return (per_token.sum(dim=1) / counts).mean()
+
+
+def _text_batch(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(encoded), width), pad, device=device)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long, device=device)
+    for row, ids in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 class Editor:
     """Edits facts into a causal LM with one method; the model is restored to its unedited weights after every
-    ``edit_single`` / ``edit_batch`` (use ``edit_sequential`` to keep edits)."""
+    ``edit_single`` / ``edit_batch`` (``edit_sequence`` / ``edit_sequential`` / ``apply`` keep the edits).
 
-    def __init__(self, model, tokenizer, hparams: Optional[EditHyperParams] = None) -> None:
+    Args:
+        model: a causal LM (for MEMIT / AlphaEdit and FT-L with Llama-style MLPs).
+        tokenizer: its tokenizer.
+        hparams: the method and its hyperparameters (default: RoseLoRA with the authors' recipe).
+        stats_texts: a text sample like the model's training text: MEMIT / AlphaEdit's key statistics and the
+            many-edit mode's preservation loss (``preserve_weight``) read it; required for those.
+
+    Raises:
+        ValueError: a method or option that needs ``stats_texts`` without it.
+    """
+
+    def __init__(self, model, tokenizer, hparams: Optional[EditHyperParams] = None, stats_texts=None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.hparams = hparams or EditHyperParams()
         self.device = next(model.parameters()).device
+        self.stats_texts = list(stats_texts) if stats_texts is not None else None
+        if self.hparams.preserve_weight > 0 and not self.stats_texts:
+            raise ValueError(
+                f"`preserve_weight`={self.hparams.preserve_weight} needs `stats_texts` (the texts whose predictions "
+                f"to preserve); got none"
+            )
+        self.locate = (
+            LocateThenEdit(model, tokenizer, self.hparams.method, self.hparams, self.stats_texts)
+            if self.hparams.method in LOCATE_METHODS
+            else None
+        )
+        self.memory: list[EditRequest] = []  # the edits this editor kept, in order (sequential editing)
+        self._unedited: Optional[dict[str, torch.Tensor]] = None
+        self._reference: dict[int, list[torch.Tensor]] = {}
+        self.seconds_editing = 0.0  # editing time of the sequence so far (measuring excluded)
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -133,7 +251,8 @@ class Editor:
         return self.edit_batch([request])
 
     def edit_batch(self, requests: list[EditRequest]) -> EditResult:
-        """Edit several facts with one adapter (one loss over all), measure each, and restore the model."""
+        """Edit several facts with one adapter (one loss over all; one MEMIT / AlphaEdit update), measure each, and
+        restore the model."""
         before = self._locality_before(requests)
         start = time.perf_counter()
         edited, losses, changed, adapted, restore = self._train(requests)
@@ -158,16 +277,175 @@ class Editor:
             edited, losses, changed, adapted, _ = self._train([request], keep=True)
             runs.append((request, losses, changed, adapted, time.perf_counter() - start))
             self.model = edited
+            self.memory.append(request)
         return [
             self._measure(self.model, [r], before[id(r)], losses, changed, adapted, seconds)
             for r, losses, changed, adapted, seconds in runs
         ]
 
+    def edit_sequence(
+        self,
+        requests: list[EditRequest],
+        checkpoints: Sequence[int] = (),
+        on_edit: Optional[Callable[[int, EditResult], None]] = None,
+        on_checkpoint: Optional[Callable[[SequenceCheckpoint], None]] = None,
+        seed: int = 0,
+    ) -> list[SequenceCheckpoint]:
+        """Sequential editing: apply ``requests[len(self.memory):]`` one after another to the same model (each
+        merged before the next), measuring every edit so far after ``checkpoints`` edits (and after the last).
+
+        Each edit ``i`` (0-based position in ``requests``) runs under ``torch.manual_seed(seed + i)``, so a run
+        resumed with :meth:`load_state_dict` ends exactly where an uninterrupted one does. ``on_edit(i, result)``
+        gets each edit's result measured right after it; ``on_checkpoint`` each checkpoint as it is measured.
+
+        Raises:
+            ValueError: a checkpoint outside ``[1, len(requests)]``, or ``requests`` that do not start with the
+                edits already made (``self.memory``).
+        """
+        total = len(requests)
+        bad = [c for c in checkpoints if not 1 <= c <= total]
+        if bad:
+            raise ValueError(f"`checkpoints` must lie in [1, {total}] (the number of requests), got {bad}")
+        done = len(self.memory)
+        if [id(r) for r in requests[:done]] != [id(r) for r in self.memory] and requests[:done] != self.memory:
+            raise ValueError(f"`requests` must start with the {done} edit(s) this editor already made")
+        self._remember_unedited()
+        self._reference_for(requests)
+        marks = sorted(set(checkpoints) | {total})
+        results = []
+        for index in range(done, total):
+            request = requests[index]
+            torch.manual_seed(seed + index)
+            start = time.perf_counter()
+            edited, losses, changed, adapted, _ = self._train([request], keep=True)
+            self.seconds_editing += time.perf_counter() - start
+            self.model = edited
+            self.memory.append(request)
+            if on_edit is not None:
+                on_edit(
+                    index,
+                    self._measure(
+                        self.model, [request], [self._reference[id(request)]], losses, changed, adapted, 0.0
+                    ),
+                )
+            if index + 1 in marks:
+                checkpoint = self.checkpoint(requests[: index + 1])
+                results.append(checkpoint)
+                if on_checkpoint is not None:
+                    on_checkpoint(checkpoint)
+        return results
+
+    def checkpoint(self, requests: list[EditRequest]) -> SequenceCheckpoint:
+        """Every request of ``requests`` (edits made) measured on the current model."""
+        self._reference_for(requests)
+        tok, model = self.tokenizer, self.model
+        changed = editable = 0
+        with torch.no_grad():
+            for name, parameter in self._editable_parameters().items():
+                changed += int(torch.count_nonzero(parameter.detach().cpu() != self._unedited[name]))
+                editable += parameter.numel()
+        return SequenceCheckpoint(
+            edits=len(requests),
+            retention=_mean([metrics.accuracy(model, tok, [r.prompt], [r.target_new]) for r in requests]),
+            generalization=_mean(
+                [
+                    metrics.accuracy(model, tok, r.rephrase_prompts, [r.target_new] * len(r.rephrase_prompts))
+                    for r in requests
+                ]
+            ),
+            locality=_mean(
+                [
+                    metrics.locality(
+                        self._reference[id(r)],
+                        metrics.locality_predictions(model, tok, r.locality_prompts, r.locality_answers),
+                    )
+                    for r in requests
+                ]
+            ),
+            portability=_mean(
+                [metrics.accuracy(model, tok, r.portability_prompts, r.portability_answers) for r in requests]
+            ),
+            changed_weights=changed,
+            editable_weights=editable,
+            total_weights=sum(p.numel() for p in model.parameters()),
+            seconds=self.seconds_editing,
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What resuming a sequence needs: the number of edits made, the weights they changed, AlphaEdit's
+        ``K_p K_p^T``. Tensors only (save with ``safetensors.torch.save_file``)."""
+        self._remember_unedited()
+        state = {"edits_done": torch.tensor(len(self.memory))}
+        for name, parameter in self._editable_parameters().items():
+            state[f"weight.{name}"] = parameter.detach().cpu().contiguous()
+        if self.locate is not None:
+            state.update({f"locate.{k}": v.contiguous() for k, v in self.locate.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], requests: list[EditRequest]) -> int:
+        """Resume a sequence of ``requests`` on this editor's unedited model: records the unedited predictions,
+        restores the edited weights, AlphaEdit's state and the memory of the edits made; returns their number.
+
+        Raises:
+            ValueError: the state does not fit this model or names more edits than ``requests`` holds.
+        """
+        done = int(state["edits_done"])
+        if done > len(requests):
+            raise ValueError(f"the state holds {done} edits, but only {len(requests)} requests were given")
+        self._remember_unedited()
+        self._reference_for(requests)
+        parameters = self._editable_parameters()
+        expected = {f"weight.{name}" for name in parameters}
+        given = {k for k in state if k.startswith("weight.")}
+        if expected != given:
+            raise ValueError(
+                f"the state does not fit this model and method: unexpected weights {sorted(given - expected)[:3]}, "
+                f"missing {sorted(expected - given)[:3]}"
+            )
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(state[f"weight.{name}"])
+        if self.locate is not None:
+            self.locate.load_state_dict({k[len("locate.") :]: v for k, v in state.items() if k.startswith("locate.")})
+        self.memory = list(requests[:done])
+        return done
+
     # ---- training ----------------------------------------------------------------------------------------------
+
+    def _editable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The base weights the method can change, by name: the adapter's target modules' weights, FT-L's matrix,
+        MEMIT / AlphaEdit's ``down_proj`` weights."""
+        h = self.hparams
+        if h.method == "ft-l":
+            weight = self._ft_l_weight()
+            return {name: p for name, p in self.model.named_parameters() if p is weight}
+        if self.locate is not None:
+            weights = {id(w) for w in self.locate.weights(self.model).values()}
+            return {name: p for name, p in self.model.named_parameters() if id(p) in weights}
+        return {
+            f"{module_name}.weight": module.weight
+            for module_name, module in self.model.named_modules()
+            if module_name.split(".")[-1] in h.target_modules
+            and isinstance(getattr(module, "weight", None), torch.Tensor)
+        }
+
+    def _remember_unedited(self) -> None:
+        if self._unedited is None:
+            self._unedited = {name: p.detach().cpu().clone() for name, p in self._editable_parameters().items()}
+
+    def _reference_for(self, requests) -> None:
+        """The unedited model's locality predictions of each request (computed once, before the request's edit)."""
+        missing = [r for r in requests if id(r) not in self._reference]
+        if any(r in self.memory for r in missing):
+            raise ValueError("the unedited model's predictions of an edit already made were not recorded")
+        for request in missing:
+            self._reference[id(request)] = self._locality_before([request])[0]
 
     def _train(self, requests: list[EditRequest], keep: bool = False):
         if self.hparams.method == "ft-l":
             return self._train_ft_l(requests, keep)
+        if self.locate is not None:
+            return self._train_locate(requests, keep)
         return self._train_adapter(requests, keep)
 
     def _adapter_config(self):
@@ -185,7 +463,8 @@ class Editor:
                 clamp_value=h.clamp_value,
             )
         if h.method == "adalora":
-            adalora = {**common, "init_r": h.r, "target_r": max(1, h.r // 2)}
+            target_r = h.adalora_target_r if h.adalora_target_r is not None else max(1, h.r // 2)
+            adalora = {**common, "init_r": h.r, "target_r": target_r}
             adalora.pop("r")
             return AdaLoraConfig(
                 **adalora,
@@ -196,16 +475,45 @@ class Editor:
             )
         return LoraConfig(**common)
 
+    def _many_edit_loss(self, requests):
+        """The step's loss function: the requests' target loss, plus (many-edit mode) ``replay`` earlier edits and
+        the preservation KL on a sample of the text sample, against the model before this edit."""
+        h = self.hparams
+        examples = _padded_examples(self.tokenizer, requests, self.device)
+        preserve = None
+        if h.preserve_weight > 0:
+            picks = torch.randint(len(self.stats_texts), (h.preserve_batch,)).tolist()
+            input_ids, mask = _text_batch(self.tokenizer, [self.stats_texts[i] for i in picks], self.device)
+            with torch.no_grad():
+                reference = torch.log_softmax(self.model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
+            preserve = (input_ids, mask, reference)
+
+        def loss_of(model) -> torch.Tensor:
+            loss = _target_loss(model, examples)
+            if h.replay and self.memory:
+                count = min(h.replay, len(self.memory))
+                picks = torch.randperm(len(self.memory))[:count].tolist()
+                replayed = _padded_examples(self.tokenizer, [self.memory[i] for i in picks], self.device)
+                loss = (loss * len(requests) + _target_loss(model, replayed) * count) / (len(requests) + count)
+            if preserve is not None:
+                input_ids, mask, reference = preserve
+                log_probs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
+                kl = torch.nn.functional.kl_div(log_probs, reference, log_target=True, reduction="none").sum(-1)
+                loss = loss + h.preserve_weight * (kl * mask).sum() / mask.sum()
+            return loss
+
+        return loss_of
+
     def _train_adapter(self, requests, keep):
         h = self.hparams
+        loss_of = self._many_edit_loss(requests)
         peft_model = get_peft_model(self.model, self._adapter_config())
-        examples = [_example(self.tokenizer, r, self.device) for r in requests]
         optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=h.lr)
         rose = get_roselora_model(peft_model) if h.method == "roselora" else None
         losses = []
         peft_model.train()
         for step in range(h.steps):
-            loss = _target_loss(peft_model, examples)
+            loss = loss_of(peft_model)
             loss.backward()
             if rose is not None:
                 rose.update_importance()
@@ -247,17 +555,17 @@ class Editor:
 
     def _train_ft_l(self, requests, keep):
         h = self.hparams
+        loss_of = self._many_edit_loss(requests)
         weight = self._ft_l_weight()
         original = weight.detach().clone()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         weight.requires_grad_(True)
-        examples = [_example(self.tokenizer, r, self.device) for r in requests]
         optimizer = torch.optim.Adam([weight], lr=h.lr)
         losses = []
         self.model.train()
         for step in range(h.steps):
-            loss = _target_loss(self.model, examples)
+            loss = loss_of(self.model)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -276,6 +584,21 @@ class Editor:
 
         return self.model, losses, changed, weight.numel(), (None if keep else restore)
 
+    def _train_locate(self, requests, keep):
+        weights = self.locate.weights(self.model)
+        originals = {layer: w.detach().clone() for layer, w in weights.items()}
+        losses = self.locate.edit(self.model, requests, remember=keep)
+        with torch.no_grad():
+            changed = sum(int(torch.count_nonzero(w - originals[layer])) for layer, w in weights.items())
+        adapted = sum(w.numel() for w in weights.values())
+
+        def restore():
+            with torch.no_grad():
+                for layer, w in weights.items():
+                    w.copy_(originals[layer])
+
+        return self.model, losses, changed, adapted, (None if keep else restore)
+
     # ---- measuring ---------------------------------------------------------------------------------------------
 
     def _locality_before(self, requests):
@@ -285,25 +608,21 @@ class Editor:
         ]
 
     def _measure(self, model, requests, before, losses, changed, adapted, seconds) -> EditResult:
-        def mean(values):
-            values = [v for v in values if v is not None]
-            return sum(values) / len(values) if values else None
-
         tok = self.tokenizer
-        reliability = mean([metrics.accuracy(model, tok, [r.prompt], [r.target_new]) for r in requests])
-        generalization = mean(
+        reliability = _mean([metrics.accuracy(model, tok, [r.prompt], [r.target_new]) for r in requests])
+        generalization = _mean(
             [
                 metrics.accuracy(model, tok, r.rephrase_prompts, [r.target_new] * len(r.rephrase_prompts))
                 for r in requests
             ]
         )
-        locality = mean(
+        locality = _mean(
             [
                 metrics.locality(b, metrics.locality_predictions(model, tok, r.locality_prompts, r.locality_answers))
                 for r, b in zip(requests, before)
             ]
         )
-        portability = mean(
+        portability = _mean(
             [metrics.accuracy(model, tok, r.portability_prompts, r.portability_answers) for r in requests]
         )
         total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)

@@ -1,0 +1,172 @@
+"""MEMIT / AlphaEdit (written from the papers), sequential editing with checkpoints and resume, the many-edit mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_editing import REQUEST, tiny_lm  # noqa: F401  (tiny_lm: a module fixture, a 2-layer Llama that knows a fact)
+
+from peft_roselora.editing import EditHyperParams, Editor, parse_edit_records
+from peft_roselora.editing.locate import (
+    alphaedit_update,
+    default_edit_layers,
+    key_statistics,
+    memit_update,
+    null_space_projector,
+    subject_last_token,
+)
+
+
+TEXTS = ["the capital of france is paris", "who wrote hamlet shakespeare", "the capital of germany is berlin"]
+SECOND = parse_edit_records([{"prompt": "who wrote hamlet", "target_new": "dickens", "subject": "hamlet"}]).requests[0]
+
+
+def _random_keys(d: int, n: int, rank: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(d, rank, generator=generator, dtype=torch.float64)
+    return basis @ torch.randn(rank, n, generator=generator, dtype=torch.float64)
+
+
+# ---- the math, alone -------------------------------------------------------------------------------------------------
+
+
+def test_memit_update_solves_its_normal_equation():
+    keys, residual = _random_keys(12, 3, 3, 0), torch.randn(5, 3, dtype=torch.float64)
+    preserved = _random_keys(12, 40, 12, 1)
+    second_moment = preserved @ preserved.T / 40
+    update = memit_update(residual, keys, second_moment, weight=2.0)
+    # the minimiser of ||D K - R||^2 + weight tr(D C D^T): D (K K^T + weight C) = R K^T
+    torch.testing.assert_close(update @ (keys @ keys.T + 2.0 * second_moment), residual @ keys.T)
+
+
+def test_alphaedit_update_leaves_preserved_keys_alone():
+    preserved = _random_keys(16, 200, 10, 2)  # the keys the model uses span 10 of 16 directions
+    second_moment = preserved @ preserved.T / 200 + 1e-6 * torch.eye(16, dtype=torch.float64)
+    projector = null_space_projector(second_moment, threshold=1e-3)
+    assert round(float(torch.trace(projector))) == 6  # the null space: the other 6 directions
+    torch.testing.assert_close(projector @ projector, projector)
+    torch.testing.assert_close(projector, projector.T)
+    new_keys = torch.randn(16, 4, dtype=torch.float64)
+    residual = torch.randn(8, 4, dtype=torch.float64)
+    update = alphaedit_update(residual, new_keys, projector, torch.zeros(16, 16, dtype=torch.float64), l2=1e-3)
+    torch.testing.assert_close(update @ projector, update)  # Delta = Delta P
+    assert (update @ preserved).abs().max() < 1e-8 * update.abs().max() * preserved.abs().max()
+    assert (update @ new_keys - residual).abs().max() > 0 and (update @ new_keys).abs().max() > 0.1  # it writes
+    # with a memory of earlier keys (sequential editing) the update keeps their values too
+    earlier = projector @ torch.randn(16, 2, dtype=torch.float64)
+    update = alphaedit_update(residual, new_keys, projector, 1e4 * earlier @ earlier.T, l2=1e-3)
+    assert (update @ earlier).abs().max() < 1e-2 * (update @ new_keys).abs().max()
+    with pytest.raises(ValueError, match="`nullspace_threshold` must be > 0, got 0"):
+        null_space_projector(second_moment, 0)
+
+
+def test_default_edit_layers_leave_a_layer_after_the_edit():
+    assert default_edit_layers(2) == (0,)
+    assert default_edit_layers(3) == (0, 1)
+    assert default_edit_layers(32) == tuple(range(5, 11))
+    with pytest.raises(ValueError, match="at least 2 decoder layers, got 1"):
+        default_edit_layers(1)
+
+
+def test_subject_last_token_and_key_statistics(tiny_lm):
+    model, tokenizer = tiny_lm
+    ids = tokenizer("the capital of france is")["input_ids"]
+    assert ids[subject_last_token(tokenizer, "the capital of france is", "france")] == tokenizer.convert_tokens_to_ids(
+        "france"
+    )
+    assert subject_last_token(tokenizer, "the capital of france is", None) == len(ids) - 1
+    statistics = key_statistics(model, tokenizer, TEXTS, layers=(0,))
+    captured = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0][0]))
+    with torch.no_grad():
+        for text in TEXTS:  # by hand, one text at a time: no padding
+            model(input_ids=torch.tensor([tokenizer(text)["input_ids"]]))
+    hook.remove()
+    keys = torch.cat(captured).double()
+    torch.testing.assert_close(statistics[0], keys.T @ keys / len(keys))
+    with pytest.raises(ValueError, match="at least one text"):
+        key_statistics(model, tokenizer, [], layers=(0,))
+
+
+# ---- MEMIT / AlphaEdit through the editor ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_locate_then_edit_flips_the_prediction_and_restores(tiny_lm, method):
+    model, tokenizer = tiny_lm
+    model = copy.deepcopy(model)
+    ids = torch.tensor([tokenizer("the capital of france is")["input_ids"]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    hparams = EditHyperParams(method=method, nullspace_threshold=1e-2, l2=1e-2, mom2_weight=1.0)
+    # the text sample leaves out "the capital of germany is": its key at "is" is nearly the edit's own, which
+    # AlphaEdit would (rightly) refuse to move
+    editor = Editor(model, tokenizer, hparams, stats_texts=TEXTS[1:2])
+    result = editor.edit_single(REQUEST)
+    assert result.reliability == 1.0
+    assert result.changed_weights == result.adapted_weights == 64 * 128  # one dense down_proj update
+    with torch.no_grad():
+        assert torch.equal(editor.model(input_ids=ids).logits, before)
+    with pytest.raises(ValueError, match="needs `stats_texts`"):
+        Editor(model, tokenizer, hparams)
+    with pytest.raises(ValueError, match=r"`edit_layers` must be increasing layer indices in \[0, 0\]"):
+        Editor(model, tokenizer, EditHyperParams(method=method, edit_layers=(1,)), stats_texts=TEXTS)
+
+
+# ---- sequential editing: checkpoints, resume, the many-edit mode ----------------------------------------------------
+
+
+def _sequence_hparams(method):
+    if method in ("memit", "alphaedit"):
+        return EditHyperParams(method=method, nullspace_threshold=1e-2, l2=1e-2, mom2_weight=1.0)
+    return EditHyperParams.scaled_to(
+        20,
+        method=method,
+        lr=2e-2,
+        clamp_value=None,
+        replay=1,
+        preserve_weight=0.1,
+        target_modules=("q_proj", "v_proj", "down_proj"),
+    )
+
+
+@pytest.mark.parametrize("method", ["roselora", "alphaedit"])
+def test_a_resumed_sequence_ends_where_an_uninterrupted_one_does(tiny_lm, method):
+    model, tokenizer = tiny_lm
+    requests = [REQUEST, SECOND, copy.deepcopy(REQUEST)]
+    whole = Editor(copy.deepcopy(model), tokenizer, _sequence_hparams(method), stats_texts=TEXTS[1:2])
+    edits = []
+    checkpoints = whole.edit_sequence(requests, checkpoints=[1, 2], on_edit=lambda i, r: edits.append(i), seed=3)
+    assert [c.edits for c in checkpoints] == [1, 2, 3] and edits == [0, 1, 2]
+    assert checkpoints[0].retention == 1.0 and 0 < checkpoints[-1].changed_weights <= checkpoints[-1].editable_weights
+
+    first = Editor(copy.deepcopy(model), tokenizer, _sequence_hparams(method), stats_texts=TEXTS[1:2])
+    first.edit_sequence(requests[:1], seed=3)
+    state = first.state_dict()
+    assert int(state["edits_done"]) == 1
+    resumed = Editor(copy.deepcopy(model), tokenizer, _sequence_hparams(method), stats_texts=TEXTS[1:2])
+    assert resumed.load_state_dict(state, requests) == 1
+    rest = resumed.edit_sequence(requests, checkpoints=[2], seed=3)
+    assert [c.edits for c in rest] == [2, 3]
+    for name, parameter in whole.model.named_parameters():
+        assert torch.equal(parameter, dict(resumed.model.named_parameters())[name]), name
+    keep = ("retention", "generalization", "locality", "changed_weights")
+    assert {k: rest[-1].to_dict()[k] for k in keep} == {k: checkpoints[-1].to_dict()[k] for k in keep}
+    with pytest.raises(ValueError, match="must lie in"):
+        whole.edit_sequence(requests, checkpoints=[4])
+
+
+def test_many_edit_mode_needs_its_text_sample_and_keeps_earlier_edits(tiny_lm):
+    model, tokenizer = tiny_lm
+    with pytest.raises(ValueError, match="`preserve_weight`=0.5 needs `stats_texts`"):
+        Editor(model, tokenizer, EditHyperParams(preserve_weight=0.5))
+    with pytest.raises(ValueError, match="`replay` must be >= 0, got -1"):
+        EditHyperParams(replay=-1)
+    hparams = EditHyperParams.scaled_to(
+        20, method="roselora", lr=2e-2, clamp_value=None, replay=1, target_modules=("q_proj", "v_proj", "down_proj")
+    )
+    editor = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS)
+    [final] = editor.edit_sequence([REQUEST, SECOND])
+    assert final.retention == 1.0  # both edits hold on the final model
