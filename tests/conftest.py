@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import peft_roselora  # noqa: F401  (registers RoseLoRA with PEFT)
 
@@ -179,3 +180,38 @@ def assert_every_rank_has_the_same_masks(output: Path, processes: int) -> None:
     for rank in range(1, processes):
         other = load_file(output / f"masks_rank{rank}.safetensors")
         assert all(torch.equal(first[key], other[key]) for key in first)
+
+
+# ---- a 2-layer Llama with a word-level tokenizer that knows one fact (the editing tests) ----------------------
+
+
+WORDS = (
+    "[PAD] [UNK] the capital of france is paris rome italy berlin germany who wrote hamlet shakespeare "
+    "dickens what city a an river flows through"
+).split()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=len(WORDS),
+        )
+    )
+    # teach it one fact, so that the edit has something to overwrite
+    ids = torch.tensor([tokenizer("the capital of france is paris")["input_ids"]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer

@@ -107,7 +107,7 @@ def test_editing_benchmark_quick(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(output.read_text())
     assert summary["records_loaded"] == 12 and summary["split"] == "test" and summary["records"] == 5
-    assert set(summary["methods"]) == {"roselora", "lora", "adalora", "ft-l"}
+    assert set(summary["methods"]) == {"roselora", "lora", "adalora", "ft-l", "memit", "alphaedit"}
     for method in summary["methods"].values():
         assert [row["record_ids"] for row in method["records"]] == [[0], [2], [7], [8], [10]]
     assert [row["record"] for row in summary["rejected"]] == [12]  # the shipped malformed record is reported
@@ -115,6 +115,52 @@ def test_editing_benchmark_quick(tmp_path):
         for name in ("reliability", "generalization", "locality"):
             records = [row[name] for row in method["records"] if row.get(name) is not None]
             assert method["summary"][name] == pytest.approx(sum(records) / len(records))
+
+
+@pytest.mark.slow
+def test_editing_protocol_quick_search_batch_sequential_and_resume(tmp_path):
+    """CI's quick version of each mode: the dev search, batch editing and sequential editing (resumed)."""
+
+    def run(script, *options):
+        command = [sys.executable, str(BENCHMARKS / "editing" / script), "--quick", "--data", str(ZSRE)]
+        command += ["--cache-dir", str(tmp_path / "cache"), *options]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=BENCHMARKS / "editing")
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    methods = ["roselora", "memit", "alphaedit"]
+    run("search.py", "--methods", *methods, "--output", str(tmp_path / "search.json"))
+    search = json.loads((tmp_path / "search.json").read_text())
+    for name in methods:
+        data = search["methods"][name]
+        assert len(data["dev"]) == 2 and data["chosen_config"] in [p["config"] for p in data["dev"]]
+        assert data["chosen_test"]["records"] == search["test_records"] and data["frontier_test"]
+    run(
+        "batch.py",
+        "--methods",
+        *methods,
+        "--configs",
+        str(tmp_path / "search.json"),
+        "--output",
+        str(tmp_path / "b.json"),
+    )
+    batch = json.loads((tmp_path / "b.json").read_text())
+    for name in methods:
+        sizes = batch["methods"][name]["sizes"]
+        assert sizes["all"]["edits"] == batch["test_records"] and sizes["all"]["batches"] == 1
+        assert sizes["1"]["edits"] == sizes["1"]["batches"] == 2
+    sequence = ["roselora+many", "alphaedit"]
+    options = ["--methods", *sequence, "--configs", str(tmp_path / "search.json"), "--output"]
+    run("sequential.py", *options, str(tmp_path / "s.json"))
+    first = json.loads((tmp_path / "s.json").read_text())
+    for name in sequence:
+        points = first["methods"][name]["checkpoints"]
+        assert [p["edits"] for p in points] == [2, first["edits"]]
+        assert all(0 <= p["retention"] <= 1 and p["changed_weights"] > 0 for p in points)
+    # resume: the saved state after the last checkpoint is picked up, nothing is edited again
+    (tmp_path / "s.json").unlink()
+    assert "resumed after" in run("sequential.py", *options, str(tmp_path / "s.json"))
+    assert json.loads((tmp_path / "s.json").read_text())["methods"] == first["methods"]
 
 
 def test_editing_benchmark_loads_the_hub_zsre_file_through_datasets(monkeypatch):

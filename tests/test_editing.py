@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_roselora.editing import (
     EditDataError,
@@ -157,38 +155,6 @@ def test_metric_functions_on_hand_computed_cases():
     assert metrics.locality([], []) is None
     with pytest.raises(ValueError, match="must be non-empty and of one shape"):
         metrics.token_accuracy(torch.tensor([1]), torch.tensor([1, 2]))
-
-
-WORDS = (
-    "[PAD] [UNK] the capital of france is paris rome italy berlin germany who wrote hamlet shakespeare "
-    "dickens what city a an river flows through"
-).split()
-
-
-@pytest.fixture(scope="module")
-def tiny_lm():
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=len(WORDS),
-        )
-    )
-    # teach it one fact, so that the edit has something to overwrite
-    ids = torch.tensor([tokenizer("the capital of france is paris")["input_ids"]])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval(), tokenizer
 
 
 REQUEST = parse_edit_records(

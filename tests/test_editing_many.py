@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_editing import REQUEST, tiny_lm  # noqa: F401  (tiny_lm: a module fixture, a 2-layer Llama that knows a fact)
+from test_editing import REQUEST
 
 from peft_roselora.editing import EditHyperParams, Editor, parse_edit_records
 from peft_roselora.editing.locate import (
@@ -29,7 +29,7 @@ def _random_keys(d: int, n: int, rank: int, seed: int) -> torch.Tensor:
     return basis @ torch.randn(rank, n, generator=generator, dtype=torch.float64)
 
 
-# ---- the math, alone -------------------------------------------------------------------------------------------------
+# ---- the math, alone ------------------------------------------------------------------------------------------------
 
 
 def test_memit_update_solves_its_normal_equation():
@@ -90,7 +90,7 @@ def test_subject_last_token_and_key_statistics(tiny_lm):
         key_statistics(model, tokenizer, [], layers=(0,))
 
 
-# ---- MEMIT / AlphaEdit through the editor ------------------------------------------------------------------------------
+# ---- MEMIT / AlphaEdit through the editor ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", ["memit", "alphaedit"])

@@ -174,6 +174,46 @@ def train_base_model(requests, args) -> Path:
     return folder
 
 
+def stats_texts(requests) -> list[str]:
+    """The text sample MEMIT / AlphaEdit read their key statistics from and the many-edit mode preserves: the
+    benchmark model's own training text of the given records (question, paraphrase and locality probe with their
+    answers). The protocol passes the dev side's records, so no test record's text is in it."""
+    return [f"{prompt} {answer}" for prompt, answer in fact_sequences(requests)]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every editing benchmark shares: data, model, the base model's training settings."""
+    parser.add_argument(
+        "--data",
+        default=None,
+        help=f"local JSON file of edit records; default: {HUB_FILE} of {HUB_DATASET} from the Hub via `datasets`",
+    )
+    parser.add_argument("--model", default=None, help="a local causal LM folder instead of the trained base")
+    parser.add_argument("--limit", type=int, default=None, help="first N records")
+    parser.add_argument("--dev-fraction", type=float, default=0.5, help="share of records on the dev side")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=192)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--base-lr", type=float, default=3e-3)
+    parser.add_argument("--cache-dir", default=str(HERE / ".cache"))
+
+
+def prepare(args):
+    """Records, the dev / test split, the base model (trained or cached) and its tokenizer, and the text sample
+    (the dev side's training text). Returns a namespace; raises ``FileNotFoundError`` / ``ValueError`` for bad
+    input (the scripts print it and exit 2)."""
+    loaded = load_records(args.data, args.limit)
+    dev = select_split(loaded.requests, "dev", args.dev_fraction)
+    test = select_split(loaded.requests, "test", args.dev_fraction)
+    model_path = Path(args.model) if args.model else train_base_model(loaded.requests, args)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return argparse.Namespace(
+        loaded=loaded, dev=dev, test=test, model_path=model_path, tokenizer=tokenizer, texts=stats_texts(dev)
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -258,7 +298,8 @@ def main(argv=None) -> int:
     for method in args.methods:
         torch.manual_seed(args.seed)
         hparams = EditHyperParams(method=method, **overrides)
-        editor = Editor(AutoModelForCausalLM.from_pretrained(model_path), tokenizer, hparams)
+        texts = stats_texts(select_split(loaded.requests, "dev", args.dev_fraction)) or stats_texts(loaded.requests)
+        editor = Editor(AutoModelForCausalLM.from_pretrained(model_path), tokenizer, hparams, stats_texts=texts)
         rows = [editor.edit_single(r).to_dict() for r in tqdm(requests, desc=f"{method} edits")]
         output["hparams"][method] = (
             vars(hparams)

@@ -38,7 +38,8 @@ class EditHyperParams:
     layer); ``ft_norm``: its L-infinity bound on the weight change.
 
     MEMIT / AlphaEdit (``peft_roselora.editing.locate``; defaults: the papers'): ``edit_layers`` (default a block at
-    15-30 % of the depth), the target vector's optimiser ``v_lr`` / ``v_steps`` / ``v_weight_decay`` /
+    15-30 % of the depth), ``fact_token`` (where keys are read: the subject's last token or the prompt's last),
+    the target vector's optimiser ``v_lr`` / ``v_steps`` / ``v_weight_decay`` /
     ``kl_factor`` / ``clamp_norm_factor``, MEMIT's ``mom2_weight`` (lambda), AlphaEdit's ``nullspace_threshold`` and
     ``l2``. They ignore the adapter fields (``r``, ``lr``, ``steps``, ...), and the gradient methods ignore theirs.
 
@@ -63,6 +64,7 @@ class EditHyperParams:
     ft_layer: Optional[int] = None
     ft_norm: float = 5e-4
     edit_layers: Optional[tuple[int, ...]] = None
+    fact_token: Literal["subject_last", "last"] = "subject_last"
     v_lr: float = 0.5
     v_steps: int = 25
     v_weight_decay: float = 1e-3
@@ -98,6 +100,8 @@ class EditHyperParams:
         for name in ("v_steps", "preserve_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.fact_token not in ("subject_last", "last"):
+            raise ValueError(f"`fact_token` must be 'subject_last' or 'last', got {self.fact_token!r}")
         if self.edit_layers is not None:
             self.edit_layers = tuple(self.edit_layers)
         self.target_modules = tuple(self.target_modules)

@@ -1,0 +1,286 @@
+"""The fair protocol: the same search budget per method on the dev records, the report on the test records.
+
+    python benchmarks/editing/search.py --data ../shared/data/zsre/zsre_mend_eval_subset.json     # the full protocol
+    python benchmarks/editing/search.py --quick --data tests/fixtures/zsre_sample.json            # CI's smoke run
+
+1. Search (dev): every method gets the same number of configurations (``--budget``, default 12): its default
+   configuration and ``budget - 1`` draws from its search space (``SPACES``, seeded), each run on the first
+   ``--dev-records`` dev records, one edit at a time from the unedited model.
+2. Choice: per method, the dev configuration with the highest reliability (then generalisation) among those whose
+   dev locality is at least ``--locality-floor`` (default 0.9); none qualifying: the highest locality.
+3. Report (test): the chosen configuration on every test record, and each method's dev Pareto front
+   (reliability vs locality) on the first ``--frontier-records`` test records: the frontier plot (``--plot``).
+
+Every configuration's result is appended to ``<output stem>.jsonl`` as it finishes; a rerun with the same output
+resumes, skipping the configurations already there. ``--output`` gets the chosen configurations (read by
+``batch.py`` and ``sequential.py``), their test results and the frontier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from run import HERE, add_model_arguments, prepare
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from peft_roselora.editing import METHODS, EditHyperParams, Editor
+
+
+ATTENTION, ATTENTION_MLP = ("q_proj", "v_proj"), ("q_proj", "v_proj", "up_proj", "down_proj")
+
+# The default configuration of each method (the adapted setting of docs/editing.md for the gradient methods, the
+# papers' defaults for MEMIT / AlphaEdit), then the knobs the search draws; a tuple is a choice, a (low, high, "log")
+# a log-uniform draw.
+DEFAULTS = {
+    "roselora": dict(lr=1e-2, clamp_value=None),
+    "lora": dict(lr=1e-2),
+    "adalora": dict(lr=1e-2),
+    "ft-l": dict(lr=1e-2, ft_norm=5e-2),
+    "memit": dict(),
+    "alphaedit": dict(),
+}
+GRADIENT_SPACE = {
+    "lr": (1e-3, 5e-2, "log"),
+    "steps": (25, 50),
+    "target_modules": (ATTENTION, ATTENTION_MLP),
+    "r": (4, 8, 16),
+}
+SPACES = {
+    "roselora": {**GRADIENT_SPACE, "keep_ratio": (0.03, 0.05, 0.1, 0.2), "schedule_end": (0.5, 0.8)},
+    "lora": GRADIENT_SPACE,
+    "adalora": {**GRADIENT_SPACE, "adalora_target_fraction": (0.25, 0.5, 0.75)},
+    "ft-l": {"lr": (1e-3, 5e-2, "log"), "steps": (25, 50), "ft_layer": (0, 1, 2), "ft_norm": (5e-3, 2e-1, "log")},
+    "memit": {
+        "edit_layers": ((0,), (1,), (0, 1)),
+        "fact_token": ("subject_last", "last"),
+        "v_lr": (0.1, 0.5, 1.0),
+        "v_steps": (25, 50),
+        "mom2_weight": (1.0, 1e5, "log"),
+    },
+    "alphaedit": {
+        "edit_layers": ((0,), (1,), (0, 1)),
+        "fact_token": ("subject_last", "last"),
+        "v_lr": (0.1, 0.5, 1.0),
+        "v_steps": (25, 50),
+        "nullspace_threshold": (1e-3, 1.0, "log"),
+        "l2": (1e-2, 10.0, "log"),
+    },
+}
+
+
+def draw(space: dict, generator: random.Random) -> dict:
+    """One configuration from ``space`` (see ``SPACES``)."""
+    config = {}
+    for name, values in space.items():
+        if len(values) == 3 and values[2] == "log":
+            low, high = math.log(values[0]), math.log(values[1])
+            config[name] = float(f"{math.exp(generator.uniform(low, high)):.3g}")
+        else:
+            config[name] = values[generator.randrange(len(values))]
+    return config
+
+
+def configurations(method: str, budget: int, seed: int, num_layers: int) -> list[dict]:
+    """The method's default configuration and ``budget - 1`` draws (layer indices kept below ``num_layers``)."""
+    generator = random.Random(f"{method}-{seed}")
+    found = [dict(DEFAULTS[method])]
+    while len(found) < budget:
+        config = {**DEFAULTS[method], **draw(SPACES[method], generator)}
+        if all(layer < num_layers - (0 if method == "ft-l" else 1) for layer in _layers(config)):
+            found.append(config)
+    return found
+
+
+def _layers(config: dict) -> tuple[int, ...]:
+    return tuple(config.get("edit_layers", ())) + ((config["ft_layer"],) if "ft_layer" in config else ())
+
+
+def hyper_parameters(method: str, config: dict) -> EditHyperParams:
+    """The :class:`EditHyperParams` of a configuration (``steps`` scales the schedule; ``schedule_end`` is the share
+    of the steps at which RoseLoRA reaches its keep ratio; AdaLoRA's target rank is a fraction of ``r``)."""
+    config = dict(config)
+    steps = config.pop("steps", 25)
+    end = config.pop("schedule_end", 0.8)
+    fraction = config.pop("adalora_target_fraction", None)
+    if fraction is not None:
+        config["adalora_target_r"] = max(1, round(fraction * config.get("r", 8)))
+    start = round(steps * 3 / 25)
+    return EditHyperParams(
+        method=method,
+        steps=steps,
+        prune_start_step=start,
+        prune_end_step=min(steps, max(start + 1, round(steps * end))),
+        **config,
+    )
+
+
+def evaluate(method, config, requests, setup, seed) -> dict:
+    """Single edits of ``requests`` with one configuration: mean metrics and changed fraction."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(setup.model_path)
+    editor = Editor(model, setup.tokenizer, hyper_parameters(method, config), stats_texts=setup.texts)
+    start = time.perf_counter()
+    rows = [editor.edit_single(r) for r in requests]
+    total_weights = sum(p.numel() for p in model.parameters())
+
+    def mean(name):
+        values = [getattr(r, name) for r in rows if getattr(r, name) is not None]
+        return statistics.fmean(values) if values else None
+
+    return {
+        "method": method,
+        "config": config,
+        "records": len(rows),
+        "reliability": mean("reliability"),
+        "generalization": mean("generalization"),
+        "locality": mean("locality"),
+        "steps": mean("steps"),
+        "changed_fraction_of_adapted": statistics.fmean(r.changed_fraction_of_adapted for r in rows),
+        "changed_fraction_of_all": statistics.fmean(r.changed_weights / total_weights for r in rows),
+        "seconds_per_edit": (time.perf_counter() - start) / len(rows),
+    }
+
+
+def pareto(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both reliability and locality."""
+    return [
+        p
+        for p in points
+        if not any(
+            q["reliability"] >= p["reliability"]
+            and q["locality"] >= p["locality"]
+            and (q["reliability"] > p["reliability"] or q["locality"] > p["locality"])
+            for q in points
+        )
+    ]
+
+
+def choose(points: list[dict], floor: float) -> dict:
+    """Highest reliability (then generalisation) with locality >= ``floor``; else the highest locality."""
+    qualified = [p for p in points if p["locality"] >= floor]
+    if qualified:
+        return max(qualified, key=lambda p: (p["reliability"], p["generalization"] or 0.0))
+    return max(points, key=lambda p: p["locality"])
+
+
+def plot_frontier(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for index, (method, data) in enumerate(report["methods"].items()):
+        color = f"C{index}"
+        dev = data["dev"]
+        axis.scatter([p["locality"] for p in dev], [p["reliability"] for p in dev], color=color, alpha=0.25, s=14)
+        front = sorted(data["frontier_test"], key=lambda p: p["locality"])
+        axis.plot(
+            [p["locality"] for p in front], [p["reliability"] for p in front], "-o", color=color, label=method, ms=4
+        )
+        chosen = data["chosen_test"]
+        axis.scatter([chosen["locality"]], [chosen["reliability"]], color=color, marker="*", s=160, edgecolor="k")
+    axis.axvline(report["locality_floor"], color="grey", lw=0.8, ls="--")
+    axis.set_xlabel("locality")
+    axis.set_ylabel("reliability")
+    axis.set_title("zsRE, single edits: test frontier (lines), dev search (dots), chosen (stars)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--budget", type=int, default=12, help="configurations per method (default 12)")
+    parser.add_argument("--dev-records", type=int, default=40, help="dev records per configuration (default 40)")
+    parser.add_argument("--frontier-records", type=int, default=60, help="test records per frontier point")
+    parser.add_argument("--locality-floor", type=float, default=0.9)
+    parser.add_argument("--quick", action="store_true", help="12 records, a small base model, budget 2 (CI)")
+    parser.add_argument("--output", default=str(HERE.parent / "results" / "editing_search.json"))
+    parser.add_argument("--plot", default=None, help="PNG of the reliability-locality frontier (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
+        args.budget, args.dev_records, args.frontier_records = 2, 4, 4
+    if args.budget < 1 or args.dev_records < 1 or args.frontier_records < 1:
+        print("search.py: --budget, --dev-records and --frontier-records must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        setup = prepare(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"search.py: {error}", file=sys.stderr)
+        return 2
+    if not setup.dev or not setup.test:
+        print(f"search.py: the split left {len(setup.dev)} dev / {len(setup.test)} test records", file=sys.stderr)
+        return 2
+    num_layers = AutoModelForCausalLM.from_pretrained(setup.model_path).config.num_hidden_layers
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stream = output.with_suffix(".jsonl")
+    done = {}
+    if stream.exists():  # resume: the configurations already measured
+        for line in stream.read_text().splitlines():
+            row = json.loads(line)
+            done[(row["phase"], row["method"], json.dumps(row["config"], sort_keys=True))] = row
+    dev, test = setup.dev[: args.dev_records], setup.test
+
+    def measured(phase, method, config, requests):
+        key = (phase, method, json.dumps(config, sort_keys=True))
+        if key not in done:
+            row = {"phase": phase, **evaluate(method, config, requests, setup, args.seed)}
+            with stream.open("a") as lines:
+                lines.write(json.dumps(row) + "\n")
+            done[key] = row
+        return done[key]
+
+    report = {
+        "data": args.data,
+        "model": str(setup.model_path),
+        "dev_records": len(dev),
+        "test_records": len(test),
+        "frontier_records": min(args.frontier_records, len(test)),
+        "budget": args.budget,
+        "locality_floor": args.locality_floor,
+        "text_sample": f"{len(setup.texts)} training texts of the {len(setup.dev)} dev records",
+        "methods": {},
+    }
+    for method in args.methods:
+        configs = configurations(method, args.budget, args.seed, num_layers)
+        dev_points = [measured("dev", method, c, dev) for c in tqdm(configs, desc=f"{method} search")]
+        chosen = choose(dev_points, args.locality_floor)
+        front = pareto(dev_points)
+        frontier_test = [measured("frontier", method, p["config"], test[: args.frontier_records]) for p in front]
+        chosen_test = measured("test", method, chosen["config"], test)
+        report["methods"][method] = {
+            "chosen_config": chosen["config"],
+            "chosen_dev": chosen,
+            "chosen_test": chosen_test,
+            "dev": dev_points,
+            "frontier_test": frontier_test,
+        }
+        print(
+            f"{method}: chosen {chosen['config']}: test reliability {chosen_test['reliability']:.3f}, generalisation "
+            f"{chosen_test['generalization']:.3f}, locality {chosen_test['locality']:.3f}, changed "
+            f"{chosen_test['changed_fraction_of_all']:.5f} of all base weights",
+            flush=True,
+        )
+    output.write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot_frontier(report, args.plot)
+    print(f"written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

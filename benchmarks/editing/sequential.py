@@ -1,0 +1,167 @@
+"""Sequential editing: the test records edited one after another into the same model, measured at checkpoints.
+
+    python benchmarks/editing/sequential.py --data ../shared/data/zsre/zsre_mend_eval_subset.json   # after search.py
+    python benchmarks/editing/sequential.py --quick --data tests/fixtures/zsre_sample.json           # CI's smoke run
+
+Every method runs at the configuration ``search.py`` chose on the dev records (``--configs``); ``roselora+many``
+(and ``lora+many``) is that configuration with the many-edit mode on (``--replay`` earlier edits in every step's
+loss, ``--preserve-weight`` times the KL to the model before the edit on the dev records' training text; see
+docs/editing.md). At each checkpoint (``--checkpoints``, default 10, 100 and all) every edit so far is measured on
+the current model: retention (reliability), generalisation, locality (against the unedited model) and the fraction
+of base weights that differ from the unedited model's.
+
+Nothing is lost: each edit's immediate result and each checkpoint are appended to ``<output stem>.jsonl``; the
+editor's state is saved (safetensors) at every checkpoint under ``<output stem>.state/``, and a rerun resumes each
+method from its last saved checkpoint, ending exactly where an uninterrupted run does (edit ``i`` runs under seed
+``seed + i``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from run import HERE, add_model_arguments, prepare
+from safetensors.torch import load_file, save_file
+from search import hyper_parameters
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from peft_roselora.editing import METHODS, Editor
+
+
+MANY_EDIT = "+many"
+
+
+def plot_sequence(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for index, (method, data) in enumerate(report["methods"].items()):
+        points = data["checkpoints"]
+        edits = [p["edits"] for p in points]
+        for axis, name in zip(axes, ("retention", "locality", "changed_fraction_of_all")):
+            axis.plot(edits, [p[name] for p in points], "-o", color=f"C{index}", label=method, ms=4)
+            axis.set_title(name.replace("_", " "))
+            axis.set_xscale("log")
+            axis.set_xlabel("edits")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=[str(HERE.parent / "results" / "editing_search.json")],
+        help="search.py output(s) with the chosen configurations (several files: their methods merged)",
+    )
+    names = [*METHODS, "roselora" + MANY_EDIT, "lora" + MANY_EDIT]
+    parser.add_argument("--methods", nargs="+", default=names, choices=names)
+    parser.add_argument("--checkpoints", nargs="+", type=int, default=[10, 100])
+    parser.add_argument("--edits", type=int, default=None, help="first N test records (default all)")
+    parser.add_argument("--replay", type=int, default=8, help="many-edit mode: earlier edits replayed per step")
+    parser.add_argument("--preserve-weight", type=float, default=1.0, help="many-edit mode: preservation KL weight")
+    parser.add_argument("--quick", action="store_true", help="12 records, a small base model (CI)")
+    parser.add_argument("--output", default=str(HERE.parent / "results" / "editing_sequential.json"))
+    parser.add_argument("--plot", default=None, help="PNG of retention, locality and changed weights per checkpoint")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
+        args.checkpoints = [2]
+    try:
+        chosen = {
+            method: data["chosen_config"]
+            for path in args.configs
+            for method, data in json.loads(Path(path).read_text())["methods"].items()
+        }
+    except (OSError, ValueError, KeyError) as error:
+        print(f"sequential.py: --configs {args.configs}: {error} (run search.py first)", file=sys.stderr)
+        return 2
+    missing = [m for m in args.methods if m.removesuffix(MANY_EDIT) not in chosen]
+    if missing:
+        print(f"sequential.py: --configs {args.configs} has no chosen configuration for {missing}", file=sys.stderr)
+        return 2
+    try:
+        setup = prepare(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"sequential.py: {error}", file=sys.stderr)
+        return 2
+    requests = setup.test[: args.edits] if args.edits else setup.test
+    checkpoints = sorted({c for c in args.checkpoints if c < len(requests)} | {len(requests)})
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stream = output.with_suffix(".jsonl")
+    states = output.with_suffix(".state")
+    states.mkdir(exist_ok=True)
+    measured = {}
+    if stream.exists():
+        for line in stream.read_text().splitlines():
+            row = json.loads(line)
+            if row["kind"] == "checkpoint":
+                measured[(row["method"], row["edits"])] = row
+    report = {
+        "data": args.data,
+        "model": str(setup.model_path),
+        "edits": len(requests),
+        "text_sample": f"{len(setup.texts)} training texts of the {len(setup.dev)} dev records",
+        "many_edit_mode": {"replay": args.replay, "preserve_weight": args.preserve_weight},
+        "methods": {},
+    }
+    for method in args.methods:
+        base = method.removesuffix(MANY_EDIT)
+        config = dict(chosen[base])
+        if method.endswith(MANY_EDIT):
+            config.update(replay=args.replay, preserve_weight=args.preserve_weight)
+        model = AutoModelForCausalLM.from_pretrained(setup.model_path)
+        editor = Editor(model, setup.tokenizer, hyper_parameters(base, config), stats_texts=setup.texts)
+        state_file = states / f"{method}.safetensors"
+        if state_file.exists():
+            done = editor.load_state_dict(load_file(state_file), requests)
+            print(f"{method}: resumed after {done} edits", flush=True)
+        progress = tqdm(total=len(requests), initial=len(editor.memory), desc=f"{method} sequential edits")
+
+        def on_edit(index, result, method=method, progress=progress):
+            row = {"kind": "edit", "method": method, "index": index, "reliability": result.reliability}
+            with stream.open("a") as lines:
+                lines.write(json.dumps(row) + "\n")
+            progress.update(1)
+
+        def on_checkpoint(checkpoint, method=method, editor=editor, state_file=state_file):
+            row = {"kind": "checkpoint", "method": method, **checkpoint.to_dict()}
+            measured[(method, checkpoint.edits)] = row
+            with stream.open("a") as lines:
+                lines.write(json.dumps(row) + "\n")
+            save_file(editor.state_dict(), str(state_file))
+            print(
+                f"\n{method:<15} after {checkpoint.edits:>4} edits: retention {checkpoint.retention:.3f} "
+                f"generalisation {checkpoint.generalization:.3f} locality {checkpoint.locality:.3f} changed "
+                f"{row['changed_fraction_of_all']:.5f} of all base weights, {checkpoint.seconds:.0f} s editing",
+                flush=True,
+            )
+
+        editor.edit_sequence(
+            requests, checkpoints=checkpoints, on_edit=on_edit, on_checkpoint=on_checkpoint, seed=args.seed
+        )
+        progress.close()
+        report["methods"][method] = {
+            "config": config,
+            "checkpoints": [measured[(method, c)] for c in checkpoints if (method, c) in measured],
+        }
+    output.write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot_sequence(report, args.plot)
+    print(f"written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
