@@ -170,3 +170,93 @@ def test_many_edit_mode_needs_its_text_sample_and_keeps_earlier_edits(tiny_lm):
     editor = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS)
     [final] = editor.edit_sequence([REQUEST, SECOND])
     assert final.retention == 1.0  # both edits hold on the final model
+
+
+# ---- the CLI: every mode, configurations, resume -------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_files(tiny_lm, tmp_path):
+    import json
+
+    model, tokenizer = tiny_lm
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    records = [
+        {"prompt": "the capital of france is", "target_new": "rome"},
+        {"prompt": "who wrote hamlet", "target_new": "dickens"},
+        {"prompt": "the capital of germany is", "target_new": "paris"},
+    ]
+    (tmp_path / "edits.json").write_text(json.dumps(records))
+    (tmp_path / "texts.txt").write_text("who wrote hamlet shakespeare\n\nthe capital of france is paris\n")
+    base = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "edits.json")]
+    return tmp_path, base
+
+
+def test_cli_sequential_mode_streams_checkpoints_and_resumes_exactly(cli_files, monkeypatch):
+    import json
+
+    from peft_roselora.editing import cli
+
+    tmp_path, base = cli_files
+    options = base + ["--method", "alphaedit", "--stats-text", str(tmp_path / "texts.txt"), "--mode", "sequential"]
+    options += ["--checkpoints", "1", "2", "--nullspace-threshold", "1e-2", "--l2", "1e-2"]
+    assert cli.main(options + ["--output", str(tmp_path / "whole.json")]) == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())["methods"]["alphaedit"]
+    assert [c["edits"] for c in whole["checkpoints"]] == [1, 2, 3] and len(whole["edits"]) == 3
+    assert whole["summary"] == whole["checkpoints"][-1]
+
+    original, calls = cli.Editor.edit_sequence, []
+
+    def crash_after_second_checkpoint(self, requests, checkpoints=(), on_edit=None, on_checkpoint=None, seed=0):
+        def stop(checkpoint):
+            on_checkpoint(checkpoint)
+            calls.append(checkpoint.edits)
+            if checkpoint.edits == 2:
+                raise RuntimeError("simulated crash")
+
+        return original(self, requests, checkpoints, on_edit, stop, seed)
+
+    monkeypatch.setattr(cli.Editor, "edit_sequence", crash_after_second_checkpoint)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli.main(options + ["--output", str(tmp_path / "cut.json")])
+    monkeypatch.setattr(cli.Editor, "edit_sequence", original)
+    assert (tmp_path / "cut.alphaedit.state.safetensors").exists()
+    assert cli.main(options + ["--output", str(tmp_path / "cut.json"), "--resume"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "cut.jsonl").read_text().splitlines()]
+    assert [line["edits"] for line in lines if line["kind"] == "checkpoint"] == [1, 2, 3]
+    resumed = json.loads((tmp_path / "cut.json").read_text())["methods"]["alphaedit"]
+    keep = ("retention", "generalization", "locality", "changed_weights")
+    assert {k: resumed["summary"][k] for k in keep} == {k: whole["summary"][k] for k in keep}
+
+
+def test_cli_single_mode_resume_skips_the_records_done(cli_files):
+    import json
+
+    from peft_roselora.editing import cli
+
+    tmp_path, base = cli_files
+    out = tmp_path / "single.json"
+    assert cli.main(base + ["--steps", "2", "--limit", "2", "--output", str(out)]) == 0
+    assert cli.main(base + ["--steps", "2", "--output", str(out), "--resume"]) == 0
+    lines = (tmp_path / "single.jsonl").read_text().splitlines()
+    assert [json.loads(line)["record_ids"] for line in lines] == [[0], [1], [2]]  # records 0 and 1 not redone
+    assert [r["record_ids"] for r in json.loads(out.read_text())["methods"]["roselora"]["records"]] == [[0], [1], [2]]
+
+
+def test_cli_reads_search_configs_and_needs_a_text_sample(cli_files, capsys):
+    import json
+
+    from peft_roselora.editing import cli
+
+    tmp_path, base = cli_files
+    search = {"methods": {"memit": {"chosen_config": {"edit_layers": [0], "mom2_weight": 2.0, "fact_token": "last"}}}}
+    (tmp_path / "search.json").write_text(json.dumps(search))
+    arguments = cli.build_parser().parse_args(base + ["--method", "memit", "--v-steps", "7"])
+    hparams = cli.hyper_parameters(arguments, "memit", search)
+    assert (hparams.edit_layers, hparams.mom2_weight, hparams.fact_token, hparams.v_steps) == ((0,), 2.0, "last", 7)
+    assert cli.main(base + ["--method", "memit", "--config", str(tmp_path / "search.json")]) == 2
+    assert "['memit'] need --stats-text FILE" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps({"roselora": {"keep_ratios": 0.1}}))
+    assert cli.main(base + ["--config", str(tmp_path / "bad.json")]) == 2
+    assert "unknown configuration key(s) ['keep_ratios']" in capsys.readouterr().err

@@ -105,22 +105,8 @@ def _layers(config: dict) -> tuple[int, ...]:
 
 
 def hyper_parameters(method: str, config: dict) -> EditHyperParams:
-    """The :class:`EditHyperParams` of a configuration (``steps`` scales the schedule; ``schedule_end`` is the share
-    of the steps at which RoseLoRA reaches its keep ratio; AdaLoRA's target rank is a fraction of ``r``)."""
-    config = dict(config)
-    steps = config.pop("steps", 25)
-    end = config.pop("schedule_end", 0.8)
-    fraction = config.pop("adalora_target_fraction", None)
-    if fraction is not None:
-        config["adalora_target_r"] = max(1, round(fraction * config.get("r", 8)))
-    start = round(steps * 3 / 25)
-    return EditHyperParams(
-        method=method,
-        steps=steps,
-        prune_start_step=start,
-        prune_end_step=min(steps, max(start + 1, round(steps * end))),
-        **config,
-    )
+    """The :class:`EditHyperParams` of a configuration (see ``EditHyperParams.from_config``)."""
+    return EditHyperParams.from_config(method, config)
 
 
 def evaluate(method, config, requests, setup, seed) -> dict:

@@ -1,13 +1,18 @@
 """``roselora-edit``: edit facts from an EasyEdit / MEND / CounterFact JSON file into a local causal LM.
 
-    roselora-edit --model PATH --data FILE [--method roselora|lora|adalora|ft-l|all] [--mode single|batch|sequential]
-                  [--limit N] [--seed S] [--output results.json] [--plot metrics.png]
-                  [--lr LR] [--steps N] [--r R] [--alpha A] [--targets q_proj v_proj] [--keep-ratio TAU]
-                  [--clamp C | --no-clamp]
+    roselora-edit --model PATH --data FILE [--method roselora|lora|adalora|ft-l|memit|alphaedit|all]
+                  [--mode single|batch|sequential] [--checkpoints N ...] [--resume] [--stats-text FILE]
+                  [--config FILE] [--limit N] [--split all|dev|test] [--seed S] [--output results.json]
+                  [--plot metrics.png] [hyperparameter options, see --help]
 
 Every per-record result is appended to ``<output stem>.jsonl`` as soon as it is produced (one JSON line each: a
 crash at record N keeps records 1..N-1); at the end ``--output`` gets the summary per method (means of reliability,
 generalisation, locality, portability, steps, fraction of adapted weights changed, seconds per edit) and the records.
+``--mode sequential`` edits the records one after another into one model and measures every edit so far at each
+``--checkpoints`` N (and after the last): those lines go to the same stream, and the editor's state is saved at each
+checkpoint to ``<output stem>.<method>.state.safetensors``. ``--resume`` continues a run with the same output: single
+mode skips the records already in the stream, sequential mode restarts from the saved state (ending exactly where an
+uninterrupted run would).
 Malformed records are listed in the output (``rejected``), never dropped silently. A record whose loss is not
 finite is marked failed with the reason and the run exits with status 1; output stays strict JSON (no NaN). User
 errors (missing or unreadable files, bad JSON, non-UTF-8, a byte-order mark, bad options) print one line and exit
@@ -22,6 +27,7 @@ import math
 import os
 import statistics
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -92,6 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="JSON file of edit records (EasyEdit, MEND zsRE, CounterFact)")
     parser.add_argument("--method", default="roselora", choices=[*METHODS, "all"])
     parser.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
+    parser.add_argument(
+        "--checkpoints",
+        nargs="+",
+        type=_positive_int("--checkpoints"),
+        default=[],
+        help="sequential mode: measure every edit so far after these numbers of edits (and after the last)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue a run with the same --output")
+    parser.add_argument(
+        "--stats-text",
+        default=None,
+        help="text sample like the model's training text (UTF-8, one text per line): MEMIT / AlphaEdit's key "
+        "statistics and the many-edit mode's preservation loss; required for those",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="JSON file of hyperparameters: a dict of EditHyperParams fields, a dict of them per method, or the "
+        "output of benchmarks/editing/search.py (its chosen configurations); options given explicitly win",
+    )
     parser.add_argument("--limit", type=_positive_int("--limit"), default=None, help="first N records only")
     parser.add_argument(
         "--split",
@@ -121,26 +147,81 @@ def build_parser() -> argparse.ArgumentParser:
     clamp = parser.add_mutually_exclusive_group()
     clamp.add_argument("--clamp", type=_finite_positive("--clamp"), default=None, help="RoseLoRA clamp (default 3e-3)")
     clamp.add_argument("--no-clamp", action="store_true", help="turn RoseLoRA's clamp off")
+    parser.add_argument("--ft-layer", type=int, default=None, help="FT-L: decoder layer (default the middle one)")
+    parser.add_argument("--ft-norm", type=_finite_positive("--ft-norm"), default=None, help="FT-L: L-inf bound")
+    parser.add_argument("--edit-layers", nargs="+", type=int, default=None, help="MEMIT / AlphaEdit layers")
+    parser.add_argument("--fact-token", choices=["subject_last", "last"], default=None, help="MEMIT / AlphaEdit")
+    parser.add_argument("--v-lr", type=_finite_positive("--v-lr"), default=None, help="MEMIT / AlphaEdit (0.5)")
+    parser.add_argument("--v-steps", type=_positive_int("--v-steps"), default=None, help="MEMIT / AlphaEdit (25)")
+    parser.add_argument("--mom2-weight", type=_finite_positive("--mom2-weight"), default=None, help="MEMIT (15000)")
+    parser.add_argument(
+        "--nullspace-threshold", type=_finite_positive("--nullspace-threshold"), default=None, help="AlphaEdit (2e-2)"
+    )
+    parser.add_argument("--l2", type=_finite_positive("--l2"), default=None, help="AlphaEdit (10)")
+    parser.add_argument(
+        "--replay",
+        type=_number_option("--replay", int, "an integer >= 0", lambda value: value >= 0),
+        default=None,
+        help="many-edit mode: earlier edits replayed in every step of a sequential edit (default 0)",
+    )
+    parser.add_argument(
+        "--preserve-weight",
+        type=_number_option("--preserve-weight", float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
+        default=None,
+        help="many-edit mode: weight of the KL to the model before the edit on --stats-text (default 0)",
+    )
     parser.add_argument("--output", default="edit_results.json")
     parser.add_argument("--plot", default=None, help="PNG with the summary metrics per method (needs matplotlib)")
     return parser
 
 
-def hyper_parameters(args: argparse.Namespace, method: str) -> EditHyperParams:
-    """The editing hyperparameters the options select (the recipe's defaults for the options not given)."""
-    overrides = {}
-    for option, name in (("lr", "lr"), ("r", "r"), ("alpha", "lora_alpha"), ("keep_ratio", "keep_ratio")):
+OPTION_FIELDS = (
+    ("lr", "lr"),
+    ("r", "r"),
+    ("alpha", "lora_alpha"),
+    ("keep_ratio", "keep_ratio"),
+    ("steps", "steps"),
+    ("ft_layer", "ft_layer"),
+    ("ft_norm", "ft_norm"),
+    ("fact_token", "fact_token"),
+    ("v_lr", "v_lr"),
+    ("v_steps", "v_steps"),
+    ("mom2_weight", "mom2_weight"),
+    ("nullspace_threshold", "nullspace_threshold"),
+    ("l2", "l2"),
+    ("replay", "replay"),
+    ("preserve_weight", "preserve_weight"),
+)
+
+
+def config_for(config: Optional[dict], method: str) -> dict:
+    """The hyperparameter dict of ``method`` in a ``--config`` file's content (see the option's help)."""
+    if not config:
+        return {}
+    if "methods" in config:  # benchmarks/editing/search.py output
+        methods = config["methods"]
+        return dict(methods[method]["chosen_config"]) if method in methods else {}
+    if set(config) <= set(METHODS):
+        return dict(config.get(method, {}))
+    return dict(config)
+
+
+def hyper_parameters(args: argparse.Namespace, method: str, config: Optional[dict] = None) -> EditHyperParams:
+    """The editing hyperparameters the options select: the ``--config`` file's, then the options given explicitly,
+    then the recipe's defaults (``steps`` scales the schedule in proportion, see ``EditHyperParams.from_config``)."""
+    values = config_for(config, method)
+    for option, name in OPTION_FIELDS:
         if getattr(args, option) is not None:
-            overrides[name] = getattr(args, option)
+            values[name] = getattr(args, option)
     if args.targets is not None:
-        overrides["target_modules"] = tuple(args.targets)
+        values["target_modules"] = tuple(args.targets)
+    if args.edit_layers is not None:
+        values["edit_layers"] = tuple(args.edit_layers)
     if args.no_clamp:
-        overrides["clamp_value"] = None
+        values["clamp_value"] = None
     elif args.clamp is not None:
-        overrides["clamp_value"] = args.clamp
-    if args.steps is not None:
-        return EditHyperParams.scaled_to(args.steps, method=method, **overrides)
-    return EditHyperParams(method=method, **overrides)
+        values["clamp_value"] = args.clamp
+    return EditHyperParams.from_config(method, values)
 
 
 def _checked_row(result) -> dict:
@@ -159,6 +240,48 @@ def _user_error(message: str) -> int:
     return 2
 
 
+def _read_stats_text(path: str) -> list[str]:
+    texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise EditDataError(f"--stats-text {path}: the file holds no text")
+    return texts
+
+
+def _state_path(output: Path, method: str) -> Path:
+    return output.with_name(f"{output.stem}.{method}.state.safetensors")
+
+
+def _run_sequential(editor, requests, args, method, output, lines) -> tuple[list[dict], list[dict]]:
+    """Sequential mode: edit rows (measured right after each edit) and checkpoint rows, streamed as they come."""
+    from safetensors.torch import load_file, save_file
+
+    state = _state_path(output, method)
+    if args.resume and state.exists():
+        done = editor.load_state_dict(load_file(state), requests)
+        print(f"roselora-edit: {method}: resumed after {done} edits from {state}", file=sys.stderr)
+    edits, checkpoints = [], []
+    progress = tqdm(total=len(requests), initial=len(editor.memory), desc=f"{method} sequential edits")
+
+    def on_edit(index, result):
+        row = {**_checked_row(result), "kind": "edit", "index": index}
+        edits.append(row)
+        lines.write(json.dumps({"method": method, **row}, allow_nan=False) + "\n")
+        lines.flush()
+        progress.update(1)
+
+    def on_checkpoint(checkpoint):
+        row = {**checkpoint.to_dict(), "kind": "checkpoint"}
+        checkpoints.append(row)
+        lines.write(json.dumps({"method": method, **row}, allow_nan=False) + "\n")
+        lines.flush()
+        save_file(editor.state_dict(), str(state))
+
+    marks = [c for c in args.checkpoints if c <= len(requests)]
+    editor.edit_sequence(requests, checkpoints=marks, on_edit=on_edit, on_checkpoint=on_checkpoint, seed=args.seed)
+    progress.close()
+    return edits, checkpoints
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plot:
@@ -170,18 +293,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     stream = output.with_suffix(".jsonl")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        stream.write_text("")
+        previous = stream.read_text(encoding="utf-8").splitlines() if args.resume and stream.exists() else []
+        stream.write_text("".join(line + "\n" for line in previous), encoding="utf-8")
         loaded = load_edit_requests(args.data, limit=args.limit, on_invalid="collect")
         loaded.requests = select_split(loaded.requests, args.split, args.dev_fraction)
+        texts = _read_stats_text(args.stats_text) if args.stats_text else None
+        config = json.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else None
     except (OSError, EditDataError) as error:
         return _user_error(str(error) if isinstance(error, EditDataError) else f"{error.strerror}: {error.filename}")
+    except json.JSONDecodeError as error:
+        return _user_error(f"--config {args.config}: invalid JSON: {error}")
     if not os.path.isdir(args.model):
         return _user_error(f"--model {args.model}: no such folder")
     try:
         methods = list(METHODS) if args.method == "all" else [args.method]
-        hparams = {method: hyper_parameters(args, method) for method in methods}
+        hparams = {method: hyper_parameters(args, method, config) for method in methods}
     except ValueError as error:
         return _user_error(str(error))
+    needs_text = [m for m, h in hparams.items() if m in ("memit", "alphaedit") or h.preserve_weight > 0]
+    if needs_text and texts is None:
+        return _user_error(f"{needs_text} need --stats-text FILE (a sample of text like the model's training text)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for _, _, message in loaded.rejected:
@@ -196,32 +327,47 @@ def main(argv: Optional[list[str]] = None) -> int:
         "records": len(loaded.requests),
         "seed": args.seed,
         "rejected": [{"record": i, "field": f, "error": m} for i, f, m in loaded.rejected],
+        "hparams": {},
         "methods": {},
     }
+    earlier = {}  # --resume, single mode: the rows already streamed, by method and record
+    for line in previous:
+        row = json.loads(line)
+        if row.get("kind") is None:
+            earlier[(row["method"], json.dumps(row["record_ids"]))] = row
     failed = 0
     with stream.open("a", encoding="utf-8") as lines:
         for method in methods:
             torch.manual_seed(args.seed)
-            editor = Editor(AutoModelForCausalLM.from_pretrained(args.model), tokenizer, hparams[method])
+            model = AutoModelForCausalLM.from_pretrained(args.model)
+            editor = Editor(model, tokenizer, hparams[method], stats_texts=texts)
+            report["hparams"][method] = asdict(hparams[method])
+            if args.mode == "sequential":
+                edits, checkpoints = _run_sequential(editor, loaded.requests, args, method, output, lines)
+                failed += sum("failed" in row for row in edits)
+                summary = checkpoints[-1] if checkpoints else {}
+                report["methods"][method] = {"summary": summary, "checkpoints": checkpoints, "edits": edits}
+                print(f"{method}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if isinstance(v, float)))
+                continue
             if args.mode == "single":
-                results = (editor.edit_single(r) for r in tqdm(loaded.requests, desc=f"{method} edits"))
-            elif args.mode == "batch":
-                results = iter([editor.edit_batch(loaded.requests)])
+                todo = [r for r in loaded.requests if (method, json.dumps([r.record_id])) not in earlier]
+                rows = [earlier[(method, json.dumps([r.record_id]))] for r in loaded.requests if r not in todo]
+                results = (editor.edit_single(r) for r in tqdm(todo, desc=f"{method} edits"))
             else:
-                results = iter(editor.edit_sequential(loaded.requests))
-            rows = []
+                rows = []
+                results = iter([editor.edit_batch(loaded.requests)])
             for result in results:
                 row = _checked_row(result)
-                failed += "failed" in row
                 rows.append(row)
                 lines.write(json.dumps({"method": method, **row}, allow_nan=False) + "\n")
                 lines.flush()
+            failed += sum("failed" in row for row in rows)
             summary = summarize([row for row in rows if "failed" not in row])
             summary["failed"] = sum("failed" in row for row in rows)
             report["methods"][method] = {"summary": summary, "records": rows}
             print(f"{method}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if isinstance(v, float)))
     with output.open("w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2, allow_nan=False)
+        json.dump(report, handle, indent=2, allow_nan=False, default=list)
     if args.plot:
         plot_summary(report, args.plot)
     if failed:
@@ -241,7 +387,10 @@ def plot_summary(output: dict, path: str) -> None:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
-        values = [output["methods"][method]["summary"][n] or 0.0 for n in names]
+        summary = output["methods"][method]["summary"]  # sequential mode: the last checkpoint (retention)
+        values = [
+            summary.get("retention" if n == "reliability" and "retention" in summary else n) or 0.0 for n in names
+        ]
         axis.bar([j + i * width for j in range(len(names))], values, width=width, label=method)
     axis.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(names))], names)
     axis.set_ylim(0, 1)

@@ -110,9 +110,32 @@ class EditHyperParams:
     def scaled_to(cls, steps: int, **kwargs) -> EditHyperParams:
         """The recipe with ``steps`` optimizer steps and its schedule scaled in proportion (3/25 dense, final keep
         ratio at 20/25 of the steps)."""
-        start = round(steps * 3 / 25)
-        end = min(steps, max(start + 1, round(steps * 20 / 25)))
-        return cls(steps=steps, prune_start_step=start, prune_end_step=end, **kwargs)
+        return cls.from_config(kwargs.pop("method", "roselora"), {"steps": steps, **kwargs})
+
+    @classmethod
+    def from_config(cls, method: str, config: dict) -> EditHyperParams:
+        """The hyperparameters of a configuration dict (as ``benchmarks/editing/search.py`` writes them and
+        ``roselora-edit --config`` reads them): any field of this class, where ``steps`` scales the schedule in
+        proportion (dense until 3/25 of the steps, final keep ratio at ``schedule_end`` of them, default 0.8) unless
+        ``prune_start_step`` / ``prune_end_step`` are given, and ``adalora_target_fraction`` sets AdaLoRA's target
+        rank to that fraction of ``r``.
+
+        Raises:
+            ValueError: an unknown key (named), or a value the fields reject.
+        """
+        config = dict(config)
+        steps = config.pop("steps", 25)
+        end = config.pop("schedule_end", 0.8)
+        fraction = config.pop("adalora_target_fraction", None)
+        unknown = sorted(set(config) - set(cls.__dataclass_fields__) - {"method"})
+        if unknown:
+            raise ValueError(f"unknown configuration key(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
+        if fraction is not None:
+            config["adalora_target_r"] = max(1, round(fraction * config.get("r", 8)))
+        start = config.pop("prune_start_step", round(steps * 3 / 25))
+        config.setdefault("prune_end_step", min(steps, max(start + 1, round(steps * end))))
+        config.pop("method", None)
+        return cls(method=method, steps=steps, prune_start_step=start, **config)
 
 
 @dataclass
