@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from run import HERE, add_model_arguments, prepare
+from run import HERE, add_model_arguments, prepare, stats_texts
 from search import hyper_parameters
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--sizes", nargs="+", type=batch_sizes, default=[1, 10, 100, "all"])
     parser.add_argument("--small-pool", type=int, default=40)
+    parser.add_argument(
+        "--side", choices=["test", "dev"], default="test", help="edit the test (report) or dev (tuning) records"
+    )
     parser.add_argument("--quick", action="store_true", help="12 records, a small base model, sizes 1 and all (CI)")
     parser.add_argument("--output", default=str(HERE.parent / "results" / "editing_batch.json"))
     args = parser.parse_args(argv)
@@ -67,7 +70,16 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"batch.py: {error}", file=sys.stderr)
         return 2
-    test = setup.test
+    test = setup.test if args.side == "test" else setup.dev
+    largest = max(len(test) if size == "all" else min(size, len(test)) for size in args.sizes)
+    # the text sample never holds an edited record's text: on the dev side, the dev records after the edited ones
+    texts = setup.texts if args.side == "test" else stats_texts(setup.dev[max(largest, args.small_pool) :])
+    if not texts:
+        print(
+            "batch.py: --side dev needs sizes below the number of dev records (the rest is the text sample)",
+            file=sys.stderr,
+        )
+        return 2
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     stream = output.with_suffix(".jsonl")
@@ -76,7 +88,13 @@ def main(argv=None) -> int:
         for line in stream.read_text().splitlines():
             row = json.loads(line)
             done[(row["method"], row["size"], row["first"])] = row
-    report = {"data": args.data, "model": str(setup.model_path), "test_records": len(test), "methods": {}}
+    report = {
+        "data": args.data,
+        "model": str(setup.model_path),
+        "side": args.side,
+        "test_records": len(test),
+        "methods": {},
+    }
     for method in args.methods:
         report["methods"][method] = {"config": chosen[method], "sizes": {}}
         for size in args.sizes:
@@ -89,7 +107,7 @@ def main(argv=None) -> int:
                 if key not in done:
                     torch.manual_seed(args.seed)
                     model = AutoModelForCausalLM.from_pretrained(setup.model_path)
-                    editor = Editor(model, setup.tokenizer, hyper_parameters(method, chosen[method]), setup.texts)
+                    editor = Editor(model, setup.tokenizer, hyper_parameters(method, chosen[method]), texts)
                     result = editor.edit_batch(batch)
                     done[key] = {
                         "method": method,

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from run import HERE, add_model_arguments, prepare
+from run import HERE, add_model_arguments, prepare, stats_texts
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -109,11 +109,12 @@ def hyper_parameters(method: str, config: dict) -> EditHyperParams:
     return EditHyperParams.from_config(method, config)
 
 
-def evaluate(method, config, requests, setup, seed) -> dict:
-    """Single edits of ``requests`` with one configuration: mean metrics and changed fraction."""
+def evaluate(method, config, requests, setup, texts, seed) -> dict:
+    """Single edits of ``requests`` with one configuration (``texts``: the text sample): mean metrics and changed
+    fraction."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(setup.model_path)
-    editor = Editor(model, setup.tokenizer, hyper_parameters(method, config), stats_texts=setup.texts)
+    editor = Editor(model, setup.tokenizer, hyper_parameters(method, config), stats_texts=texts)
     start = time.perf_counter()
     rows = [editor.edit_single(r) for r in requests]
     total_weights = sum(p.numel() for p in model.parameters())
@@ -220,11 +221,14 @@ def main(argv=None) -> int:
             row = json.loads(line)
             done[(row["phase"], row["method"], json.dumps(row["config"], sort_keys=True))] = row
     dev, test = setup.dev[: args.dev_records], setup.test
+    # the text sample never holds an edited record's text: the dev search reads the dev records it does not edit
+    dev_texts = stats_texts(setup.dev[args.dev_records :]) or setup.texts
 
     def measured(phase, method, config, requests):
         key = (phase, method, json.dumps(config, sort_keys=True))
         if key not in done:
-            row = {"phase": phase, **evaluate(method, config, requests, setup, args.seed)}
+            texts = dev_texts if phase == "dev" else setup.texts
+            row = {"phase": phase, **evaluate(method, config, requests, setup, texts, args.seed)}
             with stream.open("a") as lines:
                 lines.write(json.dumps(row) + "\n")
             done[key] = row
@@ -238,7 +242,8 @@ def main(argv=None) -> int:
         "frontier_records": min(args.frontier_records, len(test)),
         "budget": args.budget,
         "locality_floor": args.locality_floor,
-        "text_sample": f"{len(setup.texts)} training texts of the {len(setup.dev)} dev records",
+        "text_sample": f"test: {len(setup.texts)} training texts of the {len(setup.dev)} dev records; dev search: "
+        f"{len(dev_texts)} of the dev records not searched on",
         "methods": {},
     }
     for method in args.methods:

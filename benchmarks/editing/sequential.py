@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from run import HERE, add_model_arguments, prepare
+from run import HERE, add_model_arguments, prepare, stats_texts
 from safetensors.torch import load_file, save_file
 from search import hyper_parameters
 from tqdm.auto import tqdm
@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     parser.add_argument("--edits", type=int, default=None, help="first N test records (default all)")
     parser.add_argument("--replay", type=int, default=8, help="many-edit mode: earlier edits replayed per step")
     parser.add_argument("--preserve-weight", type=float, default=1.0, help="many-edit mode: preservation KL weight")
+    parser.add_argument(
+        "--side", choices=["test", "dev"], default="test", help="edit the test (report) or dev (tuning) records"
+    )
     parser.add_argument("--quick", action="store_true", help="12 records, a small base model (CI)")
     parser.add_argument("--output", default=str(HERE.parent / "results" / "editing_sequential.json"))
     parser.add_argument("--plot", default=None, help="PNG of retention, locality and changed weights per checkpoint")
@@ -95,7 +98,16 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"sequential.py: {error}", file=sys.stderr)
         return 2
-    requests = setup.test[: args.edits] if args.edits else setup.test
+    side = setup.test if args.side == "test" else setup.dev
+    requests = side[: args.edits] if args.edits else side
+    # the text sample never holds an edited record's text: on the dev side, the dev records after the edited ones
+    texts = setup.texts if args.side == "test" else stats_texts(setup.dev[len(requests) :])
+    if not texts:
+        print(
+            "sequential.py: --side dev needs --edits below the number of dev records (the rest is the text sample)",
+            file=sys.stderr,
+        )
+        return 2
     checkpoints = sorted({c for c in args.checkpoints if c < len(requests)} | {len(requests)})
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +123,9 @@ def main(argv=None) -> int:
     report = {
         "data": args.data,
         "model": str(setup.model_path),
+        "side": args.side,
         "edits": len(requests),
-        "text_sample": f"{len(setup.texts)} training texts of the {len(setup.dev)} dev records",
+        "text_sample": f"{len(texts)} training texts of dev records not edited",
         "many_edit_mode": {"replay": args.replay, "preserve_weight": args.preserve_weight},
         "methods": {},
     }
@@ -122,7 +135,7 @@ def main(argv=None) -> int:
         if method.endswith(MANY_EDIT):
             config.update(replay=args.replay, preserve_weight=args.preserve_weight)
         model = AutoModelForCausalLM.from_pretrained(setup.model_path)
-        editor = Editor(model, setup.tokenizer, hyper_parameters(base, config), stats_texts=setup.texts)
+        editor = Editor(model, setup.tokenizer, hyper_parameters(base, config), stats_texts=texts)
         state_file = states / f"{method}.safetensors"
         if state_file.exists():
             done = editor.load_state_dict(load_file(state_file), requests)
