@@ -44,8 +44,10 @@ class EditHyperParams:
     ``l2``. They ignore the adapter fields (``r``, ``lr``, ``steps``, ...), and the gradient methods ignore theirs.
 
     Many-edit mode (every gradient method, sequential editing): ``replay`` earlier edits of the sequence are added to
-    each step's loss (a fresh uniform sample each step); ``preserve_weight`` > 0 adds that weight times the KL from
-    the model before the edit to the edited model on ``preserve_batch`` texts of the editor's text sample.
+    each step's loss (a fresh uniform sample each step); ``preserve_weight`` > 0 adds that weight times the
+    cross-entropy of the *unedited* model's predicted tokens on ``preserve_batch`` texts of the editor's text sample
+    (a fresh sample each step). Anchoring on the unedited model, not on the model before the current edit, keeps
+    drift from accumulating over a sequence; only the predicted token ids are stored (one per text token).
     """
 
     method: Literal["roselora", "lora", "adalora", "ft-l", "memit", "alphaedit"] = "roselora"
@@ -206,6 +208,21 @@ def _padded_examples(tokenizer, requests: Sequence[EditRequest], device) -> tupl
     return input_ids, mask, labels
 
 
+def _padded_examples_of(pairs: Sequence[tuple[list[int], list[int]]], tokenizer, device) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids, mask and labels of ``(text ids, predicted next tokens)`` pairs: every position after the
+    first is a label (the prediction made at the position before it)."""
+    width = max(len(ids) for ids, _ in pairs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(pairs), width), pad, device=device)
+    labels = torch.full((len(pairs), width), -100, device=device)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long, device=device)
+    for row, (ids, predicted) in enumerate(pairs):
+        input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
+        labels[row, 1 : len(ids)] = torch.tensor(predicted, device=device)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask, labels
+
+
 def _target_loss(model, examples) -> torch.Tensor:
     """Mean over requests of each request's mean cross-entropy on its target tokens (one padded forward pass)."""
     input_ids, mask, labels = examples
@@ -270,6 +287,7 @@ class Editor:
         self._unedited: Optional[dict[str, torch.Tensor]] = None
         self._reference: dict[int, list[torch.Tensor]] = {}
         self.seconds_editing = 0.0  # editing time of the sequence so far (measuring excluded)
+        self._preserve: Optional[list[tuple[list[int], list[int]]]] = None  # (text ids, unedited predictions)
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -456,7 +474,23 @@ class Editor:
             and isinstance(getattr(module, "weight", None), torch.Tensor)
         }
 
+    @torch.no_grad()
+    def _record_preservation_targets(self) -> None:
+        """The unedited model's next-token predictions on every text of the sample (once, before the first edit)."""
+        if self._preserve is not None or self.hparams.preserve_weight == 0:
+            return
+        self._preserve = []
+        for start in range(0, len(self.stats_texts), 32):
+            input_ids, mask = _text_batch(self.tokenizer, self.stats_texts[start : start + 32], self.device)
+            predicted = self.model(input_ids=input_ids, attention_mask=mask).logits.argmax(-1)
+            for row in range(len(input_ids)):
+                length = int(mask[row].sum())
+                if length < 2:  # nothing to predict
+                    continue
+                self._preserve.append((input_ids[row, :length].tolist(), predicted[row, : length - 1].tolist()))
+
     def _remember_unedited(self) -> None:
+        self._record_preservation_targets()
         if self._unedited is None:
             self._unedited = {name: p.detach().cpu().clone() for name, p in self._editable_parameters().items()}
 
@@ -507,13 +541,7 @@ class Editor:
         the preservation KL on a sample of the text sample, against the model before this edit."""
         h = self.hparams
         examples = _padded_examples(self.tokenizer, requests, self.device)
-        preserve = None
-        if h.preserve_weight > 0:
-            picks = torch.randint(len(self.stats_texts), (h.preserve_batch,)).tolist()
-            input_ids, mask = _text_batch(self.tokenizer, [self.stats_texts[i] for i in picks], self.device)
-            with torch.no_grad():
-                reference = torch.log_softmax(self.model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
-            preserve = (input_ids, mask, reference)
+        self._record_preservation_targets()
 
         def loss_of(model) -> torch.Tensor:
             loss = _target_loss(model, examples)
@@ -522,11 +550,10 @@ class Editor:
                 picks = torch.randperm(len(self.memory))[:count].tolist()
                 replayed = _padded_examples(self.tokenizer, [self.memory[i] for i in picks], self.device)
                 loss = (loss * len(requests) + _target_loss(model, replayed) * count) / (len(requests) + count)
-            if preserve is not None:
-                input_ids, mask, reference = preserve
-                log_probs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
-                kl = torch.nn.functional.kl_div(log_probs, reference, log_target=True, reduction="none").sum(-1)
-                loss = loss + h.preserve_weight * (kl * mask).sum() / mask.sum()
+            if h.preserve_weight > 0:
+                picks = torch.randint(len(self._preserve), (h.preserve_batch,)).tolist()
+                batch = _padded_examples_of([self._preserve[i] for i in picks], self.tokenizer, self.device)
+                loss = loss + h.preserve_weight * _target_loss(model, batch)
             return loss
 
         return loss_of
