@@ -260,3 +260,20 @@ def test_cli_reads_search_configs_and_needs_a_text_sample(cli_files, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({"roselora": {"keep_ratios": 0.1}}))
     assert cli.main(base + ["--config", str(tmp_path / "bad.json")]) == 2
     assert "unknown configuration key(s) ['keep_ratios']" in capsys.readouterr().err
+
+
+def test_preservation_targets_are_the_unedited_models_predictions(tiny_lm):
+    model, tokenizer = tiny_lm
+    hparams = EditHyperParams.scaled_to(
+        10, method="lora", lr=2e-2, preserve_weight=1.0, preserve_batch=2, target_modules=("q_proj", "v_proj")
+    )
+    editor = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS)
+    editor.edit_sequence([REQUEST, SECOND])  # two merged edits later, the anchor is still the unedited model
+    for text, (ids, predicted) in zip(TEXTS, editor._preserve):
+        assert ids == tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            by_hand = model(input_ids=torch.tensor([ids])).logits[0, :-1].argmax(-1).tolist()
+        assert predicted == by_hand
+    with torch.no_grad():  # and the edited model differs from it
+        ids = torch.tensor([editor._preserve[0][0]])
+        assert not torch.equal(editor.model(input_ids=ids).logits, model(input_ids=ids).logits)
