@@ -5,10 +5,10 @@
 
 Every method runs at the configuration ``search.py`` chose on the dev records (``--configs``); ``roselora+many``
 (and ``lora+many``) is that configuration with the many-edit mode on (``--replay`` earlier edits in every step's
-loss, ``--preserve-weight`` times the KL to the model before the edit on the dev records' training text; see
-docs/editing.md). At each checkpoint (``--checkpoints``, default 10, 100 and all) every edit so far is measured on
-the current model: retention (reliability), generalisation, locality (against the unedited model) and the fraction
-of base weights that differ from the unedited model's.
+loss, ``--preserve-weight`` times the cross-entropy of the unedited model's predictions on ``--preserve-batch``
+texts of the dev records' training text; see docs/editing.md). At each checkpoint (``--checkpoints``, default 10,
+100 and all) every edit so far is measured on the current model: retention (reliability), generalisation, locality
+(against the unedited model) and the fraction of base weights that differ from the unedited model's.
 
 Nothing is lost: each edit's immediate result and each checkpoint are appended to ``<output stem>.jsonl``; the
 editor's state is saved (safetensors) at every checkpoint under ``<output stem>.state/``, and a rerun resumes each
@@ -69,7 +69,10 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoints", nargs="+", type=int, default=[10, 100])
     parser.add_argument("--edits", type=int, default=None, help="first N test records (default all)")
     parser.add_argument("--replay", type=int, default=8, help="many-edit mode: earlier edits replayed per step")
-    parser.add_argument("--preserve-weight", type=float, default=1.0, help="many-edit mode: preservation KL weight")
+    parser.add_argument(
+        "--preserve-weight", type=float, default=5.0, help="many-edit mode: weight of the preservation loss"
+    )
+    parser.add_argument("--preserve-batch", type=int, default=8, help="many-edit mode: texts per step")
     parser.add_argument(
         "--side", choices=["test", "dev"], default="test", help="edit the test (report) or dev (tuning) records"
     )
@@ -126,14 +129,18 @@ def main(argv=None) -> int:
         "side": args.side,
         "edits": len(requests),
         "text_sample": f"{len(texts)} training texts of dev records not edited",
-        "many_edit_mode": {"replay": args.replay, "preserve_weight": args.preserve_weight},
+        "many_edit_mode": {
+            "replay": args.replay,
+            "preserve_weight": args.preserve_weight,
+            "preserve_batch": args.preserve_batch,
+        },
         "methods": {},
     }
     for method in args.methods:
         base = method.removesuffix(MANY_EDIT)
         config = dict(chosen[base])
         if method.endswith(MANY_EDIT):
-            config.update(replay=args.replay, preserve_weight=args.preserve_weight)
+            config.update(replay=args.replay, preserve_weight=args.preserve_weight, preserve_batch=args.preserve_batch)
         model = AutoModelForCausalLM.from_pretrained(setup.model_path)
         editor = Editor(model, setup.tokenizer, hyper_parameters(base, config), stats_texts=texts)
         state_file = states / f"{method}.safetensors"

@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="many-edit mode: weight of the KL to the model before the edit on --stats-text (default 0)",
     )
+    parser.add_argument(
+        "--preserve-batch",
+        type=_positive_int("--preserve-batch"),
+        default=None,
+        help="many-edit mode: texts of --stats-text in each step's preservation loss (default 8)",
+    )
     parser.add_argument("--output", default="edit_results.json")
     parser.add_argument("--plot", default=None, help="PNG with the summary metrics per method (needs matplotlib)")
     return parser
@@ -191,6 +197,7 @@ OPTION_FIELDS = (
     ("l2", "l2"),
     ("replay", "replay"),
     ("preserve_weight", "preserve_weight"),
+    ("preserve_batch", "preserve_batch"),
 )
 
 
