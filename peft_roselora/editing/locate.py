@@ -191,14 +191,18 @@ class _Encoded:
     """Requests as right-padded ``prompt + target`` ids, with the subject's last token and the target positions."""
 
     def __init__(self, tokenizer, requests: list[EditRequest], device, fact_token: str = "subject_last") -> None:
-        sequences, self.subject, self.targets = [], [], []
+        sequences, self.subject, prompt_lengths = [], [], []
         for request in requests:
             prompt_ids, target_ids = metrics.encode_prompt_target(tokenizer, request.prompt, request.target_new)
             sequences.append(prompt_ids + target_ids)
             subject = request.subject if fact_token == "subject_last" else None
             self.subject.append(subject_last_token(tokenizer, request.prompt, subject))
-            self.targets.append((len(prompt_ids), target_ids))
+            prompt_lengths.append(len(prompt_ids))
         self.input_ids, self.mask = _padded(sequences, _pad_id(tokenizer), device)
+        # labels[i, t]: the token position t predicts (t + 1), on target tokens only; -100 elsewhere
+        self.labels = torch.full_like(self.input_ids, -100)
+        for row, (ids, start) in enumerate(zip(sequences, prompt_lengths)):
+            self.labels[row, start - 1 : len(ids) - 1] = self.input_ids[row, start : len(ids)]
         self.rows = torch.arange(len(requests), device=device)
         self.subject = torch.tensor(self.subject, device=device)
 
@@ -337,13 +341,10 @@ class LocateThenEdit:
             for _ in range(h.v_steps):
                 state["where"] = (encoded.rows, encoded.subject, encoded.rows)
                 logits = model(input_ids=encoded.input_ids, attention_mask=encoded.mask).logits
-                log_probs = torch.log_softmax(logits.float(), dim=-1)
-                nll = []
-                for row, (start, target_ids) in enumerate(encoded.targets):
-                    positions = torch.arange(start - 1, start - 1 + len(target_ids), device=device)
-                    ids = torch.tensor(target_ids, device=device)
-                    nll.append(-log_probs[row, positions, ids].mean())
-                nll = torch.stack(nll)
+                per_token = torch.nn.functional.cross_entropy(
+                    logits.float().transpose(1, 2), encoded.labels, ignore_index=-100, reduction="none"
+                )  # (n, T)
+                nll = per_token.sum(dim=1) / (encoded.labels != -100).sum(dim=1)  # mean NLL per request
                 loss = nll.sum()
                 if kl_encoded is not None:
                     kl_input, kl_mask, kl_which, kl_subject, kl_last = kl_encoded
