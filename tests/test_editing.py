@@ -250,10 +250,13 @@ def test_cli_writes_per_record_results_and_a_summary(tiny_lm, tmp_path):
         {"prompt": "", "target_new": "berlin"},  # malformed: reported, not dropped silently
     ]
     (tmp_path / "edits.json").write_text(json.dumps(records))
+    (tmp_path / "texts.txt").write_text("the capital of germany is berlin\nwho wrote hamlet shakespeare\n")
     command = [
         sys.executable,
         "-m",
         "peft_roselora.editing.cli",
+        "--stats-text",  # MEMIT and AlphaEdit read it
+        str(tmp_path / "texts.txt"),
         "--model",
         str(tmp_path / "model"),
         "--data",
@@ -272,7 +275,7 @@ def test_cli_writes_per_record_results_and_a_summary(tiny_lm, tmp_path):
     assert "rejected record 2: field 'prompt'" in result.stderr
     output = json.loads((tmp_path / "out.json").read_text())
     assert output["rejected"][0]["record"] == 2 and output["rejected"][0]["field"] == "prompt"
-    assert set(output["methods"]) == {"roselora", "lora", "adalora", "ft-l"}
+    assert set(output["methods"]) == {"roselora", "lora", "adalora", "ft-l", "memit", "alphaedit"}
     for method in output["methods"].values():
         assert method["summary"]["edits"] == 2 and len(method["records"]) == 2
         for name in ("reliability", "locality"):  # the summary is the mean of the records that have the metric
