@@ -41,7 +41,7 @@ def plot_sequence(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     for index, (method, data) in enumerate(report["methods"].items()):
         points = data["checkpoints"]
         edits = [p["edits"] for p in points]
@@ -50,8 +50,9 @@ def plot_sequence(report: dict, path: str) -> None:
             axis.set_title(name.replace("_", " "))
             axis.set_xscale("log")
             axis.set_xlabel("edits")
-    axes[0].legend(fontsize=8)
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
     figure.savefig(path, dpi=120)
 
 
