@@ -278,3 +278,13 @@ def test_preservation_targets_are_the_unedited_models_predictions(tiny_lm):
     with torch.no_grad():  # and the edited model differs from it
         ids = torch.tensor([editor._preserve[0][0]])
         assert not torch.equal(editor.model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_locate_then_edit_leaves_the_models_trainable_flags_alone(tiny_lm):
+    model, tokenizer = tiny_lm
+    model = copy.deepcopy(model)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    hparams = EditHyperParams(method="memit", mom2_weight=1.0, v_steps=3)
+    Editor(model, tokenizer, hparams, stats_texts=TEXTS[1:2]).edit_single(REQUEST)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags

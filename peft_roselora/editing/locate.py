@@ -333,7 +333,8 @@ class LocateThenEdit:
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         hook = layer_module.register_forward_hook(add_delta)
-        for parameter in model.parameters():
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        for parameter in trainable:  # only the vector is optimised; the flags are restored below
             parameter.requires_grad_(False)
         max_norm = h.clamp_norm_factor * initial.norm(dim=1, keepdim=True)
         losses, kl_reference = [], None
@@ -369,6 +370,8 @@ class LocateThenEdit:
                     )
         finally:
             hook.remove()
+            for parameter in trainable:
+                parameter.requires_grad_(True)
         return (initial + delta.detach()).T, losses
 
     def edit(self, model, requests: list[EditRequest], remember: bool) -> list[float]:
