@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from run import HERE, add_model_arguments, prepare, stats_texts
-from search import hyper_parameters
+from search import chosen_configs, hyper_parameters
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -53,17 +53,9 @@ def main(argv=None) -> int:
         args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
         args.sizes, args.small_pool = [1, "all"], 2
     try:
-        chosen = {
-            method: data["chosen_config"]
-            for path in args.configs
-            for method, data in json.loads(Path(path).read_text())["methods"].items()
-        }
-    except (OSError, ValueError, KeyError) as error:
-        print(f"batch.py: --configs {args.configs}: {error} (run search.py first)", file=sys.stderr)
-        return 2
-    missing = [m for m in args.methods if m not in chosen]
-    if missing:
-        print(f"batch.py: --configs {args.configs} has no chosen configuration for {missing}", file=sys.stderr)
+        chosen = chosen_configs(args.configs, args.methods, "batch.py")
+    except ValueError as error:
+        print(error, file=sys.stderr)
         return 2
     try:
         setup = prepare(args)

@@ -216,14 +216,8 @@ def prepare(args):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data",
-        default=None,
-        help=f"local JSON file of edit records; default: {HUB_FILE} of {HUB_DATASET} from the Hub via `datasets`",
-    )
-    parser.add_argument("--model", default=None, help="a local causal LM folder instead of the trained base")
+    add_model_arguments(parser)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--limit", type=int, default=None, help="first N records")
     parser.add_argument("--quick", action="store_true", help="12 records, smaller base model (CI)")
     parser.add_argument("--lr", type=float, default=None, help="edit learning rate (default: the recipe's 5e-4)")
     parser.add_argument(
@@ -237,14 +231,6 @@ def main(argv=None) -> int:
         help="edit only the dev (tuning) or test (reporting) side of the deterministic split "
         "(peft_roselora.editing.split_of); the base model is trained on all records either way",
     )
-    parser.add_argument("--dev-fraction", type=float, default=0.5, help="share of records on the dev side")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hidden", type=int, default=192)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--base-lr", type=float, default=3e-3)
-    parser.add_argument("--cache-dir", default=str(HERE / ".cache"))
     parser.add_argument("--output", default=str(HERE.parent / "results" / "editing_zsre.json"))
     parser.add_argument("--plot", default=None, help="PNG of the summary metrics per method (needs matplotlib)")
     args = parser.parse_args(argv)

@@ -104,6 +104,27 @@ def _layers(config: dict) -> tuple[int, ...]:
     return tuple(config.get("edit_layers", ())) + ((config["ft_layer"],) if "ft_layer" in config else ())
 
 
+def chosen_configs(paths: list[str], methods: list[str], script: str) -> dict:
+    """The configuration each of ``methods`` chose in search.py outputs ``paths`` (merged by method).
+
+    Raises:
+        ValueError: a file is missing or malformed, or a method has no chosen configuration (names the script,
+            the files and the methods).
+    """
+    try:
+        chosen = {
+            method: data["chosen_config"]
+            for path in paths
+            for method, data in json.loads(Path(path).read_text()).get("methods", {}).items()
+        }
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{script}: --configs {paths}: {error} (run search.py first)") from None
+    missing = [m for m in methods if m not in chosen]
+    if missing:
+        raise ValueError(f"{script}: --configs {paths} has no chosen configuration for {missing}")
+    return chosen
+
+
 def hyper_parameters(method: str, config: dict) -> EditHyperParams:
     """The :class:`EditHyperParams` of a configuration (see ``EditHyperParams.from_config``)."""
     return EditHyperParams.from_config(method, config)

@@ -195,31 +195,16 @@ class SequenceCheckpoint:
 def _padded_examples(tokenizer, requests: Sequence[EditRequest], device) -> tuple[torch.Tensor, ...]:
     """Right-padded ``prompt + target`` ids ``(n, T)``, attention mask and labels (``-100`` outside the targets)."""
     pairs = [metrics.encode_prompt_target(tokenizer, r.prompt, r.target_new) for r in requests]
-    width = max(len(p) + len(t) for p, t in pairs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(pairs), width), pad, device=device)
-    labels = torch.full((len(pairs), width), -100, device=device)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long, device=device)
-    for row, (prompt_ids, target_ids) in enumerate(pairs):
-        ids = prompt_ids + target_ids
-        input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
-        labels[row, len(prompt_ids) : len(ids)] = torch.tensor(target_ids, device=device)
-        mask[row, : len(ids)] = 1
+    input_ids, mask = metrics.padded_batch(tokenizer, [p + t for p, t in pairs], device)
+    labels = metrics.right_padded([[-100] * len(p) + t for p, t in pairs], -100, device)
     return input_ids, mask, labels
 
 
 def _padded_examples_of(pairs: Sequence[tuple[list[int], list[int]]], tokenizer, device) -> tuple[torch.Tensor, ...]:
     """Right-padded ids, mask and labels of ``(text ids, predicted next tokens)`` pairs: every position after the
     first is a label (the prediction made at the position before it)."""
-    width = max(len(ids) for ids, _ in pairs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(pairs), width), pad, device=device)
-    labels = torch.full((len(pairs), width), -100, device=device)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long, device=device)
-    for row, (ids, predicted) in enumerate(pairs):
-        input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
-        labels[row, 1 : len(ids)] = torch.tensor(predicted, device=device)
-        mask[row, : len(ids)] = 1
+    input_ids, mask = metrics.padded_batch(tokenizer, [ids for ids, _ in pairs], device)
+    labels = metrics.right_padded([[-100] + list(predicted) for _, predicted in pairs], -100, device)
     return input_ids, mask, labels
 
 
@@ -233,18 +218,6 @@ def _target_loss(model, examples) -> torch.Tensor:
     ).view(shifted.shape)
     counts = (shifted != -100).sum(dim=1)
     return (per_token.sum(dim=1) / counts).mean()
-
-
-def _text_batch(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-    width = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(encoded), width), pad, device=device)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long, device=device)
-    for row, ids in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
-        mask[row, : len(ids)] = 1
-    return input_ids, mask
 
 
 def _mean(values):
@@ -481,7 +454,9 @@ class Editor:
             return
         self._preserve = []
         for start in range(0, len(self.stats_texts), 32):
-            input_ids, mask = _text_batch(self.tokenizer, self.stats_texts[start : start + 32], self.device)
+            texts = self.stats_texts[start : start + 32]
+            encoded = [self.tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
+            input_ids, mask = metrics.padded_batch(self.tokenizer, encoded, self.device)
             predicted = self.model(input_ids=input_ids, attention_mask=mask).logits.argmax(-1)
             for row in range(len(input_ids)):
                 length = int(mask[row].sum())

@@ -92,20 +92,6 @@ def subject_last_token(tokenizer, prompt: str, subject: Optional[str]) -> int:
     return inside[-1] if inside else last
 
 
-def _padded(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, device=device)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
-        mask[row, : len(ids)] = 1
-    return input_ids, mask
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 def _output_tensor(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -134,7 +120,7 @@ def key_statistics(model, tokenizer, texts: Sequence[str], layers: Sequence[int]
     try:
         for start in range(0, len(texts), batch_size):
             encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts[start : start + batch_size]]
-            input_ids, mask = _padded(encoded, _pad_id(tokenizer), device)
+            input_ids, mask = metrics.padded_batch(tokenizer, encoded, device)
             model(input_ids=input_ids, attention_mask=mask)
             keep = mask.bool()
             count += int(keep.sum())
@@ -198,11 +184,13 @@ class _Encoded:
             subject = request.subject if fact_token == "subject_last" else None
             self.subject.append(subject_last_token(tokenizer, request.prompt, subject))
             prompt_lengths.append(len(prompt_ids))
-        self.input_ids, self.mask = _padded(sequences, _pad_id(tokenizer), device)
+        self.input_ids, self.mask = metrics.padded_batch(tokenizer, sequences, device)
         # labels[i, t]: the token position t predicts (t + 1), on target tokens only; -100 elsewhere
-        self.labels = torch.full_like(self.input_ids, -100)
-        for row, (ids, start) in enumerate(zip(sequences, prompt_lengths)):
-            self.labels[row, start - 1 : len(ids) - 1] = self.input_ids[row, start : len(ids)]
+        self.labels = metrics.right_padded(
+            [[-100] * (start - 1) + ids[start:] + [-100] for ids, start in zip(sequences, prompt_lengths)],
+            -100,
+            device,
+        )
         self.rows = torch.arange(len(requests), device=device)
         self.subject = torch.tensor(self.subject, device=device)
 
@@ -312,7 +300,7 @@ class LocateThenEdit:
             kl_ids = [
                 ids[:-1] if ids and ids[-1] == getattr(self.tokenizer, "sep_token_id", None) else ids for ids in kl_ids
             ]
-            kl_input, kl_mask = _padded(kl_ids, _pad_id(self.tokenizer), device)
+            kl_input, kl_mask = metrics.padded_batch(self.tokenizer, kl_ids, device)
             kl_subject = torch.tensor(
                 [subject_last_token(self.tokenizer, f"{subjects[i]} is a", subjects[i]) for i in kl_rows],
                 device=device,

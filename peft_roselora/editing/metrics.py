@@ -42,6 +42,19 @@ def encode_prompt_target(tokenizer, prompt: str, target: str) -> tuple[list[int]
     return prompt_ids, target_ids
 
 
+def right_padded(sequences: list[list[int]], value: int, device=None) -> torch.Tensor:
+    """``sequences`` as one ``(n, T)`` tensor, each row right-padded with ``value`` to the longest length ``T``."""
+    width = max(len(ids) for ids in sequences)
+    return torch.tensor([list(ids) + [value] * (width - len(ids)) for ids in sequences], device=device)
+
+
+def padded_batch(tokenizer, sequences: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids ``(n, T)`` (the tokenizer's pad id, 0 without one) and their attention mask."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    mask = right_padded([[1] * len(ids) for ids in sequences], 0, device)
+    return right_padded(sequences, pad, device), mask
+
+
 @torch.no_grad()
 def predicted_target_tokens(model, tokenizer, prompt: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced predictions for the target tokens: ``(predicted ids, target ids)``, both 1-D."""
