@@ -149,14 +149,17 @@ def test_editing_protocol_quick_search_batch_sequential_and_resume(tmp_path):
         sizes = batch["methods"][name]["sizes"]
         assert sizes["all"]["edits"] == batch["test_records"] and sizes["all"]["batches"] == 1
         assert sizes["1"]["edits"] == sizes["1"]["batches"] == 2
-    sequence = ["roselora+many", "alphaedit"]
-    options = ["--methods", *sequence, "--configs", str(tmp_path / "search.json"), "--output"]
+    sequence = ["roselora+many", "roselora+shared", "alphaedit"]
+    options = ["--methods", *sequence, "--set", "keep_ratio=0.3", "--configs", str(tmp_path / "search.json")]
+    options.append("--output")
     run("sequential.py", *options, str(tmp_path / "s.json"))
     first = json.loads((tmp_path / "s.json").read_text())
     for name in sequence:
         points = first["methods"][name]["checkpoints"]
         assert [p["edits"] for p in points] == [2, first["edits"]]
         assert all(0 <= p["retention"] <= 1 and p["changed_weights"] > 0 for p in points)
+    shared = first["methods"]["roselora+shared"]
+    assert shared["config"]["keep_ratio"] == 0.3 and shared["config"]["shared_adapter"]
     # resume: the saved state after the last checkpoint is picked up, nothing is edited again
     (tmp_path / "s.json").unlink()
     assert "resumed after" in run("sequential.py", *options, str(tmp_path / "s.json"))

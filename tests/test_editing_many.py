@@ -124,7 +124,8 @@ def _sequence_hparams(method):
         return EditHyperParams(method=method, nullspace_threshold=1e-2, l2=1e-2, mom2_weight=1.0)
     return EditHyperParams.scaled_to(
         20,
-        method=method,
+        method=method.removesuffix("+shared"),
+        shared_adapter=method.endswith("+shared"),
         lr=2e-2,
         clamp_value=None,
         replay=1,
@@ -133,7 +134,7 @@ def _sequence_hparams(method):
     )
 
 
-@pytest.mark.parametrize("method", ["roselora", "alphaedit"])
+@pytest.mark.parametrize("method", ["roselora", "roselora+shared", "alphaedit"])
 def test_a_resumed_sequence_ends_where_an_uninterrupted_one_does(tiny_lm, method):
     model, tokenizer = tiny_lm
     requests = [REQUEST, SECOND, copy.deepcopy(REQUEST)]
@@ -157,6 +158,42 @@ def test_a_resumed_sequence_ends_where_an_uninterrupted_one_does(tiny_lm, method
     assert {k: rest[-1].to_dict()[k] for k in keep} == {k: checkpoints[-1].to_dict()[k] for k in keep}
     with pytest.raises(ValueError, match="must lie in"):
         whole.edit_sequence(requests, checkpoints=[4])
+
+
+def test_a_shared_adapter_keeps_one_fixed_support_and_leaves_the_base_alone(tiny_lm):
+    model, tokenizer = tiny_lm
+    unedited = {k: v.clone() for k, v in model.state_dict().items()}
+    hparams = EditHyperParams.scaled_to(
+        40,
+        lr=2e-2,
+        clamp_value=None,
+        keep_ratio=0.5,
+        replay=1,
+        shared_adapter=True,
+        target_modules=("q_proj", "v_proj", "down_proj"),
+    )
+    editor = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS[1:2])
+    editor.edit_sequence([REQUEST])
+    masks = {k: v.clone() for k, v in editor.model.state_dict().items() if "lora_mask" in k}
+    assert masks and not all(bool(m.all()) for m in masks.values())  # the first edit's schedule pruned
+    [final] = editor.edit_sequence([REQUEST, SECOND])
+    assert final.retention == 1.0
+    after = editor.model.state_dict()
+    assert all(torch.equal(after[k], m) for k, m in masks.items())  # the support chosen by the first edit stays
+    changed = 0
+    for name, module in editor.model.named_modules():
+        if hasattr(module, "lora_mask_A") and "default" in module.lora_mask_A:
+            delta = module.get_delta_weight("default")
+            bound = hparams.r * (
+                module.lora_mask_A["default"].float().mean() * module.lora_mask_B["default"].float().mean()
+            )
+            assert torch.count_nonzero(delta) <= bound * delta.numel() + 1e-6, name
+            changed += int(torch.count_nonzero(delta))
+    assert final.changed_weights == changed > 0
+    base = editor.model.unload()  # every edit removed at once
+    assert all(torch.equal(v, unedited[k]) for k, v in base.state_dict().items())
+    with pytest.raises(ValueError, match="`shared_adapter` needs method in"):
+        EditHyperParams(method="ft-l", shared_adapter=True)
 
 
 def test_many_edit_mode_needs_its_text_sample_and_keeps_earlier_edits(tiny_lm):
@@ -229,6 +266,29 @@ def test_cli_sequential_mode_streams_checkpoints_and_resumes_exactly(cli_files, 
     resumed = json.loads((tmp_path / "cut.json").read_text())["methods"]["alphaedit"]
     keep = ("retention", "generalization", "locality", "changed_weights")
     assert {k: resumed["summary"][k] for k in keep} == {k: whole["summary"][k] for k in keep}
+
+
+def test_cli_shared_adapter_run_ends_as_one_loadable_adapter(cli_files):
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_roselora.editing import cli, metrics
+
+    tmp_path, base = cli_files
+    options = base + ["--method", "roselora", "--mode", "sequential", "--shared-adapter", "--steps", "40"]
+    options += ["--lr", "2e-2", "--no-clamp", "--keep-ratio", "0.5", "--targets", "q_proj", "v_proj", "down_proj"]
+    assert cli.main(options + ["--replay", "1", "--output", str(tmp_path / "shared.json")]) == 0
+    report = json.loads((tmp_path / "shared.json").read_text())["methods"]["roselora"]
+    assert report["adapter"] == str(tmp_path / "shared.roselora.adapter")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    edited = PeftModel.from_pretrained(model, report["adapter"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    records = json.loads((tmp_path / "edits.json").read_text())
+    held = [metrics.accuracy(edited, tokenizer, [r["prompt"]], [r["target_new"]]) for r in records]
+    assert sum(held) / len(held) == report["summary"]["retention"] > 0  # the saved adapter is the edited model
+    assert cli.main(base + ["--method", "ft-l", "--mode", "sequential", "--shared-adapter"]) == 2
 
 
 def test_cli_single_mode_resume_skips_the_records_done(cli_files):

@@ -33,6 +33,31 @@ from peft_roselora.editing import METHODS, Editor
 
 
 MANY_EDIT = "+many"
+SHARED = "+shared"  # the many-edit mode on one adapter kept across the sequence (EditHyperParams.shared_adapter)
+
+
+def base_method(method: str) -> str:
+    return method.removesuffix(MANY_EDIT).removesuffix(SHARED)
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` pairs (VALUE read as JSON, else as a string) as a dict.
+
+    Raises:
+        ValueError: a pair without ``=``.
+    """
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(
+                f"--set {pair!r}: expected KEY=VALUE, e.g. keep_ratio=0.2 or target_modules='[\"q_proj\"]'"
+            )
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
 
 
 def plot_sequence(report: dict, path: str) -> None:
@@ -65,7 +90,7 @@ def main(argv=None) -> int:
         default=[str(HERE.parent / "results" / "editing_search.json")],
         help="search.py output(s) with the chosen configurations (several files: their methods merged)",
     )
-    names = [*METHODS, "roselora" + MANY_EDIT, "lora" + MANY_EDIT]
+    names = [*METHODS, *(m + suffix for suffix in (MANY_EDIT, SHARED) for m in ("roselora", "lora"))]
     parser.add_argument("--methods", nargs="+", default=names, choices=names)
     parser.add_argument("--checkpoints", nargs="+", type=int, default=[10, 100])
     parser.add_argument("--edits", type=int, default=None, help="first N test records (default all)")
@@ -74,6 +99,14 @@ def main(argv=None) -> int:
         "--preserve-weight", type=float, default=5.0, help="many-edit mode: weight of the preservation loss"
     )
     parser.add_argument("--preserve-batch", type=int, default=8, help="many-edit mode: texts per step")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="many-edit methods (+many, +shared): override fields of the chosen configuration (VALUE is JSON), "
+        "e.g. --set r=16 keep_ratio=0.2",
+    )
     parser.add_argument(
         "--side", choices=["test", "dev"], default="test", help="edit the test (report) or dev (tuning) records"
     )
@@ -85,7 +118,8 @@ def main(argv=None) -> int:
         args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
         args.checkpoints = [2]
     try:
-        chosen = chosen_configs(args.configs, [m.removesuffix(MANY_EDIT) for m in args.methods], "sequential.py")
+        chosen = chosen_configs(args.configs, [base_method(m) for m in args.methods], "sequential.py")
+        settings = parse_settings(args.set)
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
@@ -126,16 +160,23 @@ def main(argv=None) -> int:
             "replay": args.replay,
             "preserve_weight": args.preserve_weight,
             "preserve_batch": args.preserve_batch,
+            "set": settings,
         },
         "methods": {},
     }
     for method in args.methods:
-        base = method.removesuffix(MANY_EDIT)
+        base = base_method(method)
         config = dict(chosen[base])
-        if method.endswith(MANY_EDIT):
+        if method != base:
             config.update(replay=args.replay, preserve_weight=args.preserve_weight, preserve_batch=args.preserve_batch)
+            config.update(settings, shared_adapter=method.endswith(SHARED))
+        try:
+            hparams = hyper_parameters(base, config)
+        except ValueError as error:
+            print(f"sequential.py: {method}: {error}", file=sys.stderr)
+            return 2
         model = AutoModelForCausalLM.from_pretrained(setup.model_path)
-        editor = Editor(model, setup.tokenizer, hyper_parameters(base, config), stats_texts=texts)
+        editor = Editor(model, setup.tokenizer, hparams, stats_texts=texts)
         state_file = states / f"{method}.safetensors"
         if state_file.exists():
             done = editor.load_state_dict(load_file(state_file), requests)

@@ -10,7 +10,8 @@ crash at record N keeps records 1..N-1); at the end ``--output`` gets the summar
 generalisation, locality, portability, steps, fraction of adapted weights changed, seconds per edit) and the records.
 ``--mode sequential`` edits the records one after another into one model and measures every edit so far at each
 ``--checkpoints`` N (and after the last): those lines go to the same stream, and the editor's state is saved at each
-checkpoint to ``<output stem>.<method>.state.safetensors``. ``--resume`` continues a run with the same output: single
+checkpoint to ``<output stem>.<method>.state.safetensors``; with ``--shared-adapter`` the edits end as one PEFT adapter
+folder, ``<output stem>.<method>.adapter``. ``--resume`` continues a run with the same output: single
 mode skips the records already in the stream, sequential mode restarts from the saved state (ending exactly where an
 uninterrupted run would).
 Malformed records are listed in the output (``rejected``), never dropped silently. A record whose loss is not
@@ -168,13 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--preserve-weight",
         type=_number_option("--preserve-weight", float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
         default=None,
-        help="many-edit mode: weight of the KL to the model before the edit on --stats-text (default 0)",
+        help="many-edit mode: weight of the cross-entropy to the unedited model's predictions on --stats-text "
+        "(default 0)",
     )
     parser.add_argument(
         "--preserve-batch",
         type=_positive_int("--preserve-batch"),
         default=None,
         help="many-edit mode: texts of --stats-text in each step's preservation loss (default 8)",
+    )
+    parser.add_argument(
+        "--shared-adapter",
+        action="store_true",
+        default=None,
+        help="sequential mode, roselora / lora: every edit trains one adapter kept across the sequence (RoseLoRA: "
+        "one support, fixed after the first edit) instead of a fresh adapter merged after each edit",
     )
     parser.add_argument("--output", default="edit_results.json")
     parser.add_argument("--plot", default=None, help="PNG with the summary metrics per method (needs matplotlib)")
@@ -198,6 +207,7 @@ OPTION_FIELDS = (
     ("replay", "replay"),
     ("preserve_weight", "preserve_weight"),
     ("preserve_batch", "preserve_batch"),
+    ("shared_adapter", "shared_adapter"),
 )
 
 
@@ -354,6 +364,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 failed += sum("failed" in row for row in edits)
                 summary = checkpoints[-1] if checkpoints else {}
                 report["methods"][method] = {"summary": summary, "checkpoints": checkpoints, "edits": edits}
+                if editor.shared_adapter is not None:  # the edits, as one adapter PeftModel.from_pretrained loads
+                    folder = output.with_name(f"{output.stem}.{method}.adapter")
+                    editor.shared_adapter.save_pretrained(str(folder))
+                    report["methods"][method]["adapter"] = str(folder)
                 print(f"{method}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if isinstance(v, float)))
                 continue
             if args.mode == "single":

@@ -3,19 +3,20 @@
 ``Editor.edit_single`` starts every edit from the unedited model (fresh adapter, fresh importance), trains on the
 target tokens only, and reports the metrics of ``metrics.py`` together with how many base weights the edit changed.
 ``edit_batch`` writes several facts with one adapter (one MEMIT / AlphaEdit update); ``edit_sequence`` applies edits
-one after another to the same model, merging each, and measures every edit so far at checkpoints
-(``state_dict`` / ``load_state_dict`` resume it). The many-edit mode (``replay``, ``preserve_weight``) is described in
-docs/editing.md.
+one after another to the same model, merging each (or, with ``shared_adapter``, training one adapter kept across
+the sequence), and measures every edit so far at checkpoints (``state_dict`` / ``load_state_dict`` resume it). The
+many-edit mode (``replay``, ``preserve_weight``, ``shared_adapter``) is described in docs/editing.md.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
-from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..config import RoseLoraConfig
 from ..training import get_roselora_model
@@ -27,6 +28,7 @@ from .locate import LocateThenEdit
 METHODS = ("roselora", "lora", "adalora", "ft-l", "memit", "alphaedit")
 ADAPTER_METHODS = ("roselora", "lora", "adalora")
 LOCATE_METHODS = ("memit", "alphaedit")
+SHARED_ADAPTER_METHODS = ("roselora", "lora")
 
 
 @dataclass
@@ -48,6 +50,13 @@ class EditHyperParams:
     cross-entropy of the *unedited* model's predicted tokens on ``preserve_batch`` texts of the editor's text sample
     (a fresh sample each step). Anchoring on the unedited model, not on the model before the current edit, keeps
     drift from accumulating over a sequence; only the predicted token ids are stored (one per text token).
+
+    ``shared_adapter`` (RoseLoRA and LoRA, sequential editing): every edit of the sequence trains the same adapter,
+    kept on the model and never merged, instead of a fresh adapter merged after each edit. RoseLoRA's masks are
+    then persistent (``prune_mode="persistent"``): chosen by the schedule during the first edit and fixed after it,
+    so each adapted matrix changes in at most ``r * keep_ratio**2`` of its entries whatever the number of edits, and
+    every later edit can correct what earlier ones disturbed (with ``replay`` and ``preserve_weight``). Each edit
+    starts a fresh Adam optimizer; ``unload()`` of the editor's model removes every edit at once.
     """
 
     method: Literal["roselora", "lora", "adalora", "ft-l", "memit", "alphaedit"] = "roselora"
@@ -78,6 +87,7 @@ class EditHyperParams:
     replay: int = 0
     preserve_weight: float = 0.0
     preserve_batch: int = 8
+    shared_adapter: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -104,6 +114,10 @@ class EditHyperParams:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.fact_token not in ("subject_last", "last"):
             raise ValueError(f"`fact_token` must be 'subject_last' or 'last', got {self.fact_token!r}")
+        if self.shared_adapter and self.method not in SHARED_ADAPTER_METHODS:
+            raise ValueError(
+                f"`shared_adapter` needs method in {list(SHARED_ADAPTER_METHODS)}, got method={self.method!r}"
+            )
         if self.edit_layers is not None:
             self.edit_layers = tuple(self.edit_layers)
         self.target_modules = tuple(self.target_modules)
@@ -220,6 +234,50 @@ def _target_loss(model, examples) -> torch.Tensor:
     return (per_token.sum(dim=1) / counts).mean()
 
 
+SHARED_PREFIX = "shared."
+
+
+def _shared_adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    """The shared adapter as tensors: its factors and masks (``shared.adapter.<key>``) and, for RoseLoRA, the
+    schedule state (``shared.schedule.json``: counters as UTF-8 bytes; ``shared.schedule.<factor>.<module>``: EMAs)."""
+    state = {
+        f"{SHARED_PREFIX}adapter.{key}": value.detach().cpu().contiguous()
+        for key, value in get_peft_model_state_dict(peft_model).items()
+    }
+    tuner = peft_model.base_model
+    if hasattr(tuner, "schedule_state_dict"):
+        schedule = tuner.schedule_state_dict()["adapters"]["default"]
+        for factor in ("importance_A", "importance_B"):
+            for module_name, value in schedule.pop(factor).items():
+                state[f"{SHARED_PREFIX}schedule.{factor}.{module_name}"] = value.contiguous()
+        state[f"{SHARED_PREFIX}schedule.json"] = torch.tensor(list(json.dumps(schedule).encode()), dtype=torch.uint8)
+    return state
+
+
+def _load_shared_adapter_state(peft_model, state: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`_shared_adapter_state` returned into a fresh shared adapter.
+
+    Raises:
+        ValueError: adapter keys this model does not have, or that it misses (named).
+    """
+    prefix = f"{SHARED_PREFIX}adapter."
+    adapter = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    expected = set(get_peft_model_state_dict(peft_model))
+    if set(adapter) != expected:
+        raise ValueError(
+            f"the shared adapter state does not fit this model: unexpected {sorted(set(adapter) - expected)[:3]}, "
+            f"missing {sorted(expected - set(adapter))[:3]}"
+        )
+    set_peft_model_state_dict(peft_model, adapter)
+    tuner = peft_model.base_model
+    if hasattr(tuner, "load_schedule_state_dict"):
+        schedule = json.loads(bytes(state[f"{SHARED_PREFIX}schedule.json"].tolist()).decode())
+        for factor in ("importance_A", "importance_B"):
+            head = f"{SHARED_PREFIX}schedule.{factor}."
+            schedule[factor] = {k[len(head) :]: v for k, v in state.items() if k.startswith(head)}
+        tuner.load_schedule_state_dict({"adapters": {"default": schedule}})
+
+
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -261,8 +319,15 @@ class Editor:
         self._reference: dict[int, list[torch.Tensor]] = {}
         self.seconds_editing = 0.0  # editing time of the sequence so far (measuring excluded)
         self._preserve: Optional[list[tuple[list[int], list[int]]]] = None  # (text ids, unedited predictions)
+        self._shared = None  # the PeftModel every edit of a sequence trains (``shared_adapter``)
 
     # ---- public API ------------------------------------------------------------------------------------------
+
+    @property
+    def shared_adapter(self):
+        """The ``PeftModel`` whose one adapter holds every edit of a ``shared_adapter`` sequence (None before the
+        first edit, or without ``shared_adapter``): ``save_pretrained`` it, or ``unload()`` it to undo every edit."""
+        return self._shared
 
     def edit_single(self, request: EditRequest) -> EditResult:
         """Edit one fact from the unedited model, measure, and restore the model."""
@@ -310,7 +375,8 @@ class Editor:
         seed: int = 0,
     ) -> list[SequenceCheckpoint]:
         """Sequential editing: apply ``requests[len(self.memory):]`` one after another to the same model (each
-        merged before the next), measuring every edit so far after ``checkpoints`` edits (and after the last).
+        merged before the next, or trained into the one shared adapter), measuring every edit so far after
+        ``checkpoints`` edits (and after the last).
 
         Each edit ``i`` (0-based position in ``requests``) runs under ``torch.manual_seed(seed + i)``, so a run
         resumed with :meth:`load_state_dict` ends exactly where an uninterrupted one does. ``on_edit(i, result)``
@@ -362,6 +428,8 @@ class Editor:
             for name, parameter in self._editable_parameters().items():
                 changed += int(torch.count_nonzero(parameter.detach().cpu() != self._unedited[name]))
                 editable += parameter.numel()
+        if self._shared is not None:  # the base weights are untouched: the edits are the shared adapter's delta
+            changed += self._changed_by_adapter(self._shared)[0]
         return SequenceCheckpoint(
             edits=len(requests),
             retention=_mean([metrics.accuracy(model, tok, [r.prompt], [r.target_new]) for r in requests]),
@@ -391,13 +459,16 @@ class Editor:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What resuming a sequence needs: the number of edits made, the weights they changed, AlphaEdit's
-        ``K_p K_p^T``. Tensors only (save with ``safetensors.torch.save_file``)."""
+        ``K_p K_p^T``, the shared adapter (factors, masks, schedule state). Tensors only (save with
+        ``safetensors.torch.save_file``)."""
         self._remember_unedited()
         state = {"edits_done": torch.tensor(len(self.memory))}
         for name, parameter in self._editable_parameters().items():
             state[f"weight.{name}"] = parameter.detach().cpu().contiguous()
         if self.locate is not None:
             state.update({f"locate.{k}": v.contiguous() for k, v in self.locate.state_dict().items()})
+        if self._shared is not None:
+            state.update(_shared_adapter_state(self._shared))
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], requests: list[EditRequest]) -> int:
@@ -425,6 +496,16 @@ class Editor:
                 parameter.copy_(state[f"weight.{name}"])
         if self.locate is not None:
             self.locate.load_state_dict({k[len("locate.") :]: v for k, v in state.items() if k.startswith("locate.")})
+        if any(k.startswith(SHARED_PREFIX) for k in state):
+            if not self.hparams.shared_adapter or self._shared is not None:
+                raise ValueError(
+                    "the state holds a shared adapter, but this editor has `shared_adapter=False` or already one"
+                )
+            self._shared = get_peft_model(self.model, self._adapter_config())
+            _load_shared_adapter_state(self._shared, state)
+            self.model = self._shared
+        elif self.hparams.shared_adapter and done:
+            raise ValueError(f"`shared_adapter=True`, but the state of {done} edits holds no shared adapter")
         self.memory = list(requests[:done])
         return done
 
@@ -440,9 +521,10 @@ class Editor:
         if self.locate is not None:
             weights = {id(w) for w in self.locate.weights(self.model).values()}
             return {name: p for name, p in self.model.named_parameters() if id(p) in weights}
+        model = self._shared.get_base_model() if self._shared is not None else self.model
         return {
             f"{module_name}.weight": module.weight
-            for module_name, module in self.model.named_modules()
+            for module_name, module in model.named_modules()
             if module_name.split(".")[-1] in h.target_modules
             and isinstance(getattr(module, "weight", None), torch.Tensor)
         }
@@ -497,6 +579,7 @@ class Editor:
                 prune_end_step=h.prune_end_step,
                 total_step=h.steps,
                 clamp_value=h.clamp_value,
+                prune_mode="persistent" if h.shared_adapter else "reselect",
             )
         if h.method == "adalora":
             target_r = h.adalora_target_r if h.adalora_target_r is not None else max(1, h.r // 2)
@@ -536,7 +619,27 @@ class Editor:
     def _train_adapter(self, requests, keep):
         h = self.hparams
         loss_of = self._many_edit_loss(requests)
+        if keep and h.shared_adapter:
+            if self._shared is None:
+                self._shared = get_peft_model(self.model, self._adapter_config())
+            losses = self._optimise_adapter(self._shared, loss_of)
+            changed, adapted = self._changed_by_adapter(self._shared)
+            return self._shared, losses, changed, adapted, None
         peft_model = get_peft_model(self.model, self._adapter_config())
+        losses = self._optimise_adapter(peft_model, loss_of)
+        changed, adapted = self._changed_by_adapter(peft_model)
+        if keep:
+            return peft_model.merge_and_unload(), losses, changed, adapted, None
+
+        def restore():
+            self.model = peft_model.unload()
+
+        return peft_model, losses, changed, adapted, restore
+
+    def _optimise_adapter(self, peft_model, loss_of) -> list[float]:
+        """``steps`` Adam steps (a fresh optimizer) of ``loss_of`` on the adapter's trainable parameters, with
+        RoseLoRA's importance and prune (AdaLoRA's allocation) around each; returns the losses."""
+        h = self.hparams
         optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=h.lr)
         rose = get_roselora_model(peft_model) if h.method == "roselora" else None
         losses = []
@@ -556,14 +659,7 @@ class Editor:
             if step + 1 > h.prune_end_step and loss.item() < h.early_stop_loss:
                 break
         peft_model.eval()
-        changed, adapted = self._changed_by_adapter(peft_model)
-        if keep:
-            return peft_model.merge_and_unload(), losses, changed, adapted, None
-
-        def restore():
-            self.model = peft_model.unload()
-
-        return peft_model, losses, changed, adapted, restore
+        return losses
 
     @torch.no_grad()
     def _changed_by_adapter(self, peft_model) -> tuple[int, int]:
