@@ -124,8 +124,9 @@ def _sequence_hparams(method):
         return EditHyperParams(method=method, nullspace_threshold=1e-2, l2=1e-2, mom2_weight=1.0)
     return EditHyperParams.scaled_to(
         20,
-        method=method.removesuffix("+shared"),
-        shared_adapter=method.endswith("+shared"),
+        method=method.split("+")[0],
+        shared_adapter="+shared" in method,
+        shared_optimizer=method.endswith("+shared+adam"),
         lr=2e-2,
         clamp_value=None,
         replay=1,
@@ -134,7 +135,7 @@ def _sequence_hparams(method):
     )
 
 
-@pytest.mark.parametrize("method", ["roselora", "roselora+shared", "alphaedit"])
+@pytest.mark.parametrize("method", ["roselora", "roselora+shared", "roselora+shared+adam", "alphaedit"])
 def test_a_resumed_sequence_ends_where_an_uninterrupted_one_does(tiny_lm, method):
     model, tokenizer = tiny_lm
     requests = [REQUEST, SECOND, copy.deepcopy(REQUEST)]
@@ -194,6 +195,8 @@ def test_a_shared_adapter_keeps_one_fixed_support_and_leaves_the_base_alone(tiny
     assert all(torch.equal(v, unedited[k]) for k, v in base.state_dict().items())
     with pytest.raises(ValueError, match="`shared_adapter` needs method in"):
         EditHyperParams(method="ft-l", shared_adapter=True)
+    with pytest.raises(ValueError, match="`shared_optimizer=True` needs `shared_adapter=True`"):
+        EditHyperParams(shared_optimizer=True)
 
 
 def test_many_edit_mode_needs_its_text_sample_and_keeps_earlier_edits(tiny_lm):

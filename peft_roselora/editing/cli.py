@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequential mode, roselora / lora: every edit trains one adapter kept across the sequence (RoseLoRA: "
         "one support, fixed after the first edit) instead of a fresh adapter merged after each edit",
     )
+    parser.add_argument(
+        "--shared-optimizer",
+        action="store_true",
+        default=None,
+        help="with --shared-adapter: one Adam optimizer for the whole sequence instead of a fresh one per edit",
+    )
     parser.add_argument("--output", default="edit_results.json")
     parser.add_argument("--plot", default=None, help="PNG with the summary metrics per method (needs matplotlib)")
     return parser
@@ -208,6 +214,7 @@ OPTION_FIELDS = (
     ("preserve_weight", "preserve_weight"),
     ("preserve_batch", "preserve_batch"),
     ("shared_adapter", "shared_adapter"),
+    ("shared_optimizer", "shared_optimizer"),
 )
 
 

@@ -56,7 +56,9 @@ class EditHyperParams:
     then persistent (``prune_mode="persistent"``): chosen by the schedule during the first edit and fixed after it,
     so each adapted matrix changes in at most ``r * keep_ratio**2`` of its entries whatever the number of edits, and
     every later edit can correct what earlier ones disturbed (with ``replay`` and ``preserve_weight``). Each edit
-    starts a fresh Adam optimizer; ``unload()`` of the editor's model removes every edit at once.
+    starts a fresh Adam optimizer unless ``shared_optimizer`` keeps one for the whole sequence (its moments carry
+    over from edit to edit, so an edit's first steps are not ``lr``-sized steps on every kept entry, as a fresh
+    Adam's are); ``unload()`` of the editor's model removes every edit at once.
     """
 
     method: Literal["roselora", "lora", "adalora", "ft-l", "memit", "alphaedit"] = "roselora"
@@ -88,6 +90,7 @@ class EditHyperParams:
     preserve_weight: float = 0.0
     preserve_batch: int = 8
     shared_adapter: bool = False
+    shared_optimizer: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -118,6 +121,8 @@ class EditHyperParams:
             raise ValueError(
                 f"`shared_adapter` needs method in {list(SHARED_ADAPTER_METHODS)}, got method={self.method!r}"
             )
+        if self.shared_optimizer and not self.shared_adapter:
+            raise ValueError("`shared_optimizer=True` needs `shared_adapter=True` (one adapter for the sequence)")
         if self.edit_layers is not None:
             self.edit_layers = tuple(self.edit_layers)
         self.target_modules = tuple(self.target_modules)
@@ -278,6 +283,45 @@ def _load_shared_adapter_state(peft_model, state: dict[str, torch.Tensor]) -> No
         tuner.load_schedule_state_dict({"adapters": {"default": schedule}})
 
 
+OPTIMIZER_PREFIX = "shared.optimizer."
+
+
+def _adam(peft_model, lr: float) -> torch.optim.Adam:
+    return torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """An optimizer's state as tensors: ``shared.optimizer.<index>.<name>`` per parameter and
+    ``shared.optimizer.param_groups`` (the groups as UTF-8 JSON bytes)."""
+    saved = optimizer.state_dict()
+    state = {
+        f"{OPTIMIZER_PREFIX}{index}.{name}": torch.as_tensor(value).detach().cpu().contiguous()
+        for index, values in saved["state"].items()
+        for name, value in values.items()
+    }
+    groups = json.dumps(saved["param_groups"]).encode()
+    state[f"{OPTIMIZER_PREFIX}param_groups"] = torch.tensor(list(groups), dtype=torch.uint8)
+    return state
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`_optimizer_state` returned.
+
+    Raises:
+        ValueError: the state holds no optimizer (named), or one that does not fit this optimizer.
+    """
+    groups_key = f"{OPTIMIZER_PREFIX}param_groups"
+    if groups_key not in state:
+        raise ValueError("`shared_optimizer=True`, but the state holds no optimizer (shared.optimizer.*)")
+    per_parameter: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key.startswith(OPTIMIZER_PREFIX) and key != groups_key:
+            index, name = key[len(OPTIMIZER_PREFIX) :].split(".", 1)
+            per_parameter.setdefault(int(index), {})[name] = value
+    groups = json.loads(bytes(state[groups_key].tolist()).decode())
+    optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
+
+
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -320,6 +364,7 @@ class Editor:
         self.seconds_editing = 0.0  # editing time of the sequence so far (measuring excluded)
         self._preserve: Optional[list[tuple[list[int], list[int]]]] = None  # (text ids, unedited predictions)
         self._shared = None  # the PeftModel every edit of a sequence trains (``shared_adapter``)
+        self._shared_adam: Optional[torch.optim.Adam] = None  # its optimizer (``shared_optimizer``)
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -469,6 +514,8 @@ class Editor:
             state.update({f"locate.{k}": v.contiguous() for k, v in self.locate.state_dict().items()})
         if self._shared is not None:
             state.update(_shared_adapter_state(self._shared))
+        if self._shared_adam is not None:
+            state.update(_optimizer_state(self._shared_adam))
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], requests: list[EditRequest]) -> int:
@@ -504,6 +551,10 @@ class Editor:
             self._shared = get_peft_model(self.model, self._adapter_config())
             _load_shared_adapter_state(self._shared, state)
             self.model = self._shared
+            if self.hparams.shared_optimizer:
+                _load_optimizer_state(self._shared_optimizer(), state)
+            elif any(k.startswith(OPTIMIZER_PREFIX) for k in state):
+                raise ValueError("the state holds a shared optimizer, but this editor has `shared_optimizer=False`")
         elif self.hparams.shared_adapter and done:
             raise ValueError(f"`shared_adapter=True`, but the state of {done} edits holds no shared adapter")
         self.memory = list(requests[:done])
@@ -622,7 +673,8 @@ class Editor:
         if keep and h.shared_adapter:
             if self._shared is None:
                 self._shared = get_peft_model(self.model, self._adapter_config())
-            losses = self._optimise_adapter(self._shared, loss_of)
+            optimizer = self._shared_optimizer() if h.shared_optimizer else None
+            losses = self._optimise_adapter(self._shared, loss_of, optimizer)
             changed, adapted = self._changed_by_adapter(self._shared)
             return self._shared, losses, changed, adapted, None
         peft_model = get_peft_model(self.model, self._adapter_config())
@@ -636,11 +688,17 @@ class Editor:
 
         return peft_model, losses, changed, adapted, restore
 
-    def _optimise_adapter(self, peft_model, loss_of) -> list[float]:
-        """``steps`` Adam steps (a fresh optimizer) of ``loss_of`` on the adapter's trainable parameters, with
-        RoseLoRA's importance and prune (AdaLoRA's allocation) around each; returns the losses."""
+    def _shared_optimizer(self) -> torch.optim.Adam:
+        """The one Adam optimizer of the shared adapter (``shared_optimizer``), created at the first edit."""
+        if self._shared_adam is None:
+            self._shared_adam = _adam(self._shared, self.hparams.lr)
+        return self._shared_adam
+
+    def _optimise_adapter(self, peft_model, loss_of, optimizer=None) -> list[float]:
+        """``steps`` Adam steps of ``loss_of`` on the adapter's trainable parameters (``optimizer``, default a fresh
+        one), with RoseLoRA's importance and prune (AdaLoRA's allocation) around each; returns the losses."""
         h = self.hparams
-        optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=h.lr)
+        optimizer = optimizer if optimizer is not None else _adam(peft_model, h.lr)
         rose = get_roselora_model(peft_model) if h.method == "roselora" else None
         losses = []
         peft_model.train()
