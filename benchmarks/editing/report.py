@@ -5,7 +5,8 @@
         --sequential ../results/editing_sequential*.json --frontier-plot ../../docs/images/editing_frontier.png \
         --sequential-plot ../../docs/images/editing_sequential.png
 
-Several files of one kind (e.g. methods run in two processes) are merged by method.
+Several files of one kind (e.g. methods run in two processes) are merged by method; ``FILE::LABEL`` keeps two runs
+of one method apart (its rows are named ``"<method> (LABEL)"``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from pathlib import Path
 
 
 def _merged(paths: list[str]) -> dict:
+    """The methods of several result files; ``FILE::LABEL`` names that file's methods ``"<method> (LABEL)"`` (two
+    runs of one method side by side)."""
     merged = {}
-    for path in paths:
-        merged.update(json.loads(Path(path).read_text())["methods"])
+    for entry in paths:
+        path, _, label = entry.partition("::")
+        for method, data in json.loads(Path(path).read_text())["methods"].items():
+            merged[f"{method} ({label})" if label else method] = data
     return merged
 
 
