@@ -67,11 +67,13 @@ def plot_sequence(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    colors = plt.get_cmap("tab20")
     for index, (method, data) in enumerate(report["methods"].items()):
         points = data["checkpoints"]
         edits = [p["edits"] for p in points]
+        style = "--o" if "+" in method else "-o"  # the many-edit modes dashed
         for axis, name in zip(axes, ("retention", "locality", "changed_fraction_of_all")):
-            axis.plot(edits, [p[name] for p in points], "-o", color=f"C{index}", label=method, ms=4)
+            axis.plot(edits, [p[name] for p in points], style, color=colors(index % 20), label=method, ms=4)
             axis.set_title(name.replace("_", " "))
             axis.set_xscale("log")
             axis.set_xlabel("edits")
