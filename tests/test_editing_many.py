@@ -197,6 +197,8 @@ def test_a_shared_adapter_keeps_one_fixed_support_and_leaves_the_base_alone(tiny
         EditHyperParams(method="ft-l", shared_adapter=True)
     with pytest.raises(ValueError, match="`shared_optimizer=True` needs `shared_adapter=True`"):
         EditHyperParams(shared_optimizer=True)
+    with pytest.raises(ValueError, match="applies to sequences"):
+        Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS[1:2]).edit_single(REQUEST)
 
 
 def test_many_edit_mode_needs_its_text_sample_and_keeps_earlier_edits(tiny_lm):
@@ -292,6 +294,7 @@ def test_cli_shared_adapter_run_ends_as_one_loadable_adapter(cli_files):
     held = [metrics.accuracy(edited, tokenizer, [r["prompt"]], [r["target_new"]]) for r in records]
     assert sum(held) / len(held) == report["summary"]["retention"] > 0  # the saved adapter is the edited model
     assert cli.main(base + ["--method", "ft-l", "--mode", "sequential", "--shared-adapter"]) == 2
+    assert cli.main(base + ["--method", "roselora", "--mode", "single", "--shared-adapter"]) == 2  # not ignored
 
 
 def test_cli_single_mode_resume_skips_the_records_done(cli_files):

@@ -122,6 +122,10 @@ def main(argv=None) -> int:
     try:
         chosen = chosen_configs(args.configs, [base_method(m) for m in args.methods], "sequential.py")
         settings = parse_settings(args.set)
+        if settings and all(m == base_method(m) for m in args.methods):
+            raise ValueError(
+                f"sequential.py: --set applies to the many-edit methods (+many, +shared), not {args.methods}"
+            )
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2

@@ -334,6 +334,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         hparams = {method: hyper_parameters(args, method, config) for method in methods}
     except ValueError as error:
         return _user_error(str(error))
+    shared = [m for m, h in hparams.items() if h.shared_adapter]
+    if shared and args.mode != "sequential":
+        return _user_error(f"--shared-adapter ({shared}) needs --mode sequential, got --mode {args.mode}")
     needs_text = [m for m, h in hparams.items() if m in ("memit", "alphaedit") or h.preserve_weight > 0]
     if needs_text and texts is None:
         return _user_error(f"{needs_text} need --stats-text FILE (a sample of text like the model's training text)")

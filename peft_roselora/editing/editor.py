@@ -211,9 +211,9 @@ class SequenceCheckpoint:
         }
 
 
-def _padded_examples(tokenizer, requests: Sequence[EditRequest], device) -> tuple[torch.Tensor, ...]:
-    """Right-padded ``prompt + target`` ids ``(n, T)``, attention mask and labels (``-100`` outside the targets)."""
-    pairs = [metrics.encode_prompt_target(tokenizer, r.prompt, r.target_new) for r in requests]
+def _padded_examples(tokenizer, pairs: Sequence[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``prompt + target`` ids ``(n, T)`` of encoded ``(prompt ids, target ids)`` pairs, attention mask
+    and labels (``-100`` outside the targets)."""
     input_ids, mask = metrics.padded_batch(tokenizer, [p + t for p, t in pairs], device)
     labels = metrics.right_padded([[-100] * len(p) + t for p, t in pairs], -100, device)
     return input_ids, mask, labels
@@ -242,6 +242,15 @@ def _target_loss(model, examples) -> torch.Tensor:
 SHARED_PREFIX = "shared."
 
 
+def _json_tensor(value) -> torch.Tensor:
+    """A JSON-serialisable value as UTF-8 bytes in a uint8 tensor (safetensors holds tensors only)."""
+    return torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8)
+
+
+def _from_json_tensor(tensor: torch.Tensor):
+    return json.loads(bytes(tensor.tolist()).decode())
+
+
 def _shared_adapter_state(peft_model) -> dict[str, torch.Tensor]:
     """The shared adapter as tensors: its factors and masks (``shared.adapter.<key>``) and, for RoseLoRA, the
     schedule state (``shared.schedule.json``: counters as UTF-8 bytes; ``shared.schedule.<factor>.<module>``: EMAs)."""
@@ -255,7 +264,7 @@ def _shared_adapter_state(peft_model) -> dict[str, torch.Tensor]:
         for factor in ("importance_A", "importance_B"):
             for module_name, value in schedule.pop(factor).items():
                 state[f"{SHARED_PREFIX}schedule.{factor}.{module_name}"] = value.contiguous()
-        state[f"{SHARED_PREFIX}schedule.json"] = torch.tensor(list(json.dumps(schedule).encode()), dtype=torch.uint8)
+        state[f"{SHARED_PREFIX}schedule.json"] = _json_tensor(schedule)
     return state
 
 
@@ -276,7 +285,7 @@ def _load_shared_adapter_state(peft_model, state: dict[str, torch.Tensor]) -> No
     set_peft_model_state_dict(peft_model, adapter)
     tuner = peft_model.base_model
     if hasattr(tuner, "load_schedule_state_dict"):
-        schedule = json.loads(bytes(state[f"{SHARED_PREFIX}schedule.json"].tolist()).decode())
+        schedule = _from_json_tensor(state[f"{SHARED_PREFIX}schedule.json"])
         for factor in ("importance_A", "importance_B"):
             head = f"{SHARED_PREFIX}schedule.{factor}."
             schedule[factor] = {k[len(head) :]: v for k, v in state.items() if k.startswith(head)}
@@ -299,8 +308,7 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor
         for index, values in saved["state"].items()
         for name, value in values.items()
     }
-    groups = json.dumps(saved["param_groups"]).encode()
-    state[f"{OPTIMIZER_PREFIX}param_groups"] = torch.tensor(list(groups), dtype=torch.uint8)
+    state[f"{OPTIMIZER_PREFIX}param_groups"] = _json_tensor(saved["param_groups"])
     return state
 
 
@@ -318,8 +326,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, tor
         if key.startswith(OPTIMIZER_PREFIX) and key != groups_key:
             index, name = key[len(OPTIMIZER_PREFIX) :].split(".", 1)
             per_parameter.setdefault(int(index), {})[name] = value
-    groups = json.loads(bytes(state[groups_key].tolist()).decode())
-    optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
+    optimizer.load_state_dict({"state": per_parameter, "param_groups": _from_json_tensor(state[groups_key])})
 
 
 def _mean(values):
@@ -365,6 +372,7 @@ class Editor:
         self._preserve: Optional[list[tuple[list[int], list[int]]]] = None  # (text ids, unedited predictions)
         self._shared = None  # the PeftModel every edit of a sequence trains (``shared_adapter``)
         self._shared_adam: Optional[torch.optim.Adam] = None  # its optimizer (``shared_optimizer``)
+        self._encodings: dict[int, tuple[list[int], list[int]]] = {}  # request id -> (prompt ids, target ids)
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -380,7 +388,16 @@ class Editor:
 
     def edit_batch(self, requests: list[EditRequest]) -> EditResult:
         """Edit several facts with one adapter (one loss over all; one MEMIT / AlphaEdit update), measure each, and
-        restore the model."""
+        restore the model.
+
+        Raises:
+            ValueError: with ``shared_adapter=True``, which only sequences use (the adapter outlives each edit).
+        """
+        if self.hparams.shared_adapter:
+            raise ValueError(
+                "`shared_adapter=True` applies to sequences (edit_sequence / edit_sequential / apply); edit_single "
+                "and edit_batch restore the unedited model after every edit"
+            )
         before = self._locality_before(requests)
         start = time.perf_counter()
         edited, losses, changed, adapted, restore = self._train(requests)
@@ -645,11 +662,19 @@ class Editor:
             )
         return LoraConfig(**common)
 
+    def _encoded(self, request: EditRequest) -> tuple[list[int], list[int]]:
+        """``(prompt ids, target ids)`` of a request, tokenized once (replay reads the same requests every step)."""
+        if id(request) not in self._encodings:
+            self._encodings[id(request)] = metrics.encode_prompt_target(
+                self.tokenizer, request.prompt, request.target_new
+            )
+        return self._encodings[id(request)]
+
     def _many_edit_loss(self, requests):
         """The step's loss function: the requests' target loss, plus (many-edit mode) ``replay`` earlier edits and
-        the preservation KL on a sample of the text sample, against the model before this edit."""
+        the preservation cross-entropy to the unedited model's predictions on a sample of the text sample."""
         h = self.hparams
-        examples = _padded_examples(self.tokenizer, requests, self.device)
+        examples = _padded_examples(self.tokenizer, [self._encoded(r) for r in requests], self.device)
         self._record_preservation_targets()
 
         def loss_of(model) -> torch.Tensor:
@@ -657,7 +682,9 @@ class Editor:
             if h.replay and self.memory:
                 count = min(h.replay, len(self.memory))
                 picks = torch.randperm(len(self.memory))[:count].tolist()
-                replayed = _padded_examples(self.tokenizer, [self.memory[i] for i in picks], self.device)
+                replayed = _padded_examples(
+                    self.tokenizer, [self._encoded(self.memory[i]) for i in picks], self.device
+                )
                 loss = (loss * len(requests) + _target_loss(model, replayed) * count) / (len(requests) + count)
             if h.preserve_weight > 0:
                 picks = torch.randint(len(self._preserve), (h.preserve_batch,)).tolist()
