@@ -130,12 +130,15 @@ def _sequence_hparams(method):
         lr=2e-2,
         clamp_value=None,
         replay=1,
+        replay_priority=1.0 if method.endswith("+priority") else 0.0,
         preserve_weight=0.1,
         target_modules=("q_proj", "v_proj", "down_proj"),
     )
 
 
-@pytest.mark.parametrize("method", ["roselora", "roselora+shared", "roselora+shared+adam", "alphaedit"])
+@pytest.mark.parametrize(
+    "method", ["roselora", "roselora+shared", "roselora+shared+adam", "roselora+shared+priority", "alphaedit"]
+)
 def test_a_resumed_sequence_ends_where_an_uninterrupted_one_does(tiny_lm, method):
     model, tokenizer = tiny_lm
     requests = [REQUEST, SECOND, copy.deepcopy(REQUEST)]
@@ -213,6 +216,63 @@ def test_many_edit_mode_needs_its_text_sample_and_keeps_earlier_edits(tiny_lm):
     editor = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS)
     [final] = editor.edit_sequence([REQUEST, SECOND])
     assert final.retention == 1.0  # both edits hold on the final model
+
+
+def test_replay_picks_draws_the_forgotten_edits_first():
+    from peft_roselora.editing.editor import replay_picks
+
+    losses = torch.tensor([0.0, 2.0, 0.0, 0.0, 3.0, 0.0, 1.0, 0.0])
+    torch.manual_seed(0)
+    uniform = torch.randperm(8)[:3].tolist()
+    torch.manual_seed(0)
+    assert replay_picks(8, 3) == uniform  # priority 0: the uniform sample of earlier runs, draw for draw
+    for seed in range(20):
+        torch.manual_seed(seed)
+        assert set(replay_picks(8, 3, losses, 1.0)) == {1, 4, 6}  # every edit with a loss before any without
+        picks = replay_picks(8, 4, losses, 0.5)
+        assert len(set(picks)) == 4 and set(picks[:2]) <= {1, 4, 6}  # half by loss, the rest uniform, no repeats
+        assert sorted(replay_picks(8, 20, losses, 1.0)) == list(range(8))  # capped at the edits there are
+    torch.manual_seed(0)
+    counts = torch.bincount(torch.tensor([replay_picks(8, 1, losses, 1.0)[0] for _ in range(3000)]), minlength=8)
+    torch.testing.assert_close(counts[[1, 4, 6]] / 3000.0, torch.tensor([2.0, 3.0, 1.0]) / 6, atol=0.03, rtol=0)
+    assert replay_picks(0, 3, torch.zeros(0), 1.0) == []
+    with pytest.raises(ValueError, match=r"`priority` must be in \[0, 1\], got 1.5"):
+        replay_picks(8, 3, losses, 1.5)
+    with pytest.raises(ValueError, match=r"`losses` must have shape \(8,\) when `priority` > 0, got None"):
+        replay_picks(8, 3, None, 1.0)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        replay_picks(8, 3, torch.full((8,), float("nan")), 1.0)
+    with pytest.raises(ValueError, match=r"`replay_priority` must be in \[0, 1\], got -0.5"):
+        EditHyperParams(replay=2, replay_priority=-0.5)
+    with pytest.raises(ValueError, match="`replay_priority=0.5` needs `replay` > 0"):
+        EditHyperParams(replay_priority=0.5)
+
+
+def test_prioritised_replay_weighs_each_earlier_edit_by_its_loss_as_the_edit_starts(tiny_lm, monkeypatch):
+    from peft_roselora.editing import editor as editor_module
+    from peft_roselora.editing import metrics
+
+    model, tokenizer = tiny_lm
+    seen, replay_picks = [], editor_module.replay_picks
+
+    def spy(total, count, losses=None, priority=0.0):
+        seen.append((total, count, None if losses is None else losses.clone(), priority))
+        return replay_picks(total, count, losses, priority)
+
+    monkeypatch.setattr(editor_module, "replay_picks", spy)
+    hparams = _sequence_hparams("roselora+shared+priority")
+    editor = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS[1:2])
+    editor.edit_sequence([REQUEST])
+    assert seen == []  # nothing to replay during the first edit
+    prompt, target = metrics.encode_prompt_target(tokenizer, REQUEST.prompt, REQUEST.target_new)
+    with torch.no_grad():  # the first edit's target loss on the model as the second edit starts
+        expected = editor_module._target_loss(
+            editor.model.eval(), editor_module._padded_examples(tokenizer, [(prompt, target)], editor.device)
+        )
+    editor.edit_sequence([REQUEST, SECOND])
+    assert len(seen) >= hparams.prune_end_step and all(s[:2] == (1, 1) and s[3] == 1.0 for s in seen)
+    assert all(torch.equal(s[2], seen[0][2]) for s in seen)  # scored once, as the edit starts
+    torch.testing.assert_close(seen[0][2], expected.reshape(1))
 
 
 # ---- the CLI: every mode, configurations, resume -------------------------------------------------------------------
@@ -295,6 +355,10 @@ def test_cli_shared_adapter_run_ends_as_one_loadable_adapter(cli_files):
     assert sum(held) / len(held) == report["summary"]["retention"] > 0  # the saved adapter is the edited model
     assert cli.main(base + ["--method", "ft-l", "--mode", "sequential", "--shared-adapter"]) == 2
     assert cli.main(base + ["--method", "roselora", "--mode", "single", "--shared-adapter"]) == 2  # not ignored
+    assert cli.main(base + ["--method", "roselora", "--mode", "batch", "--replay", "2"]) == 2  # nothing to replay
+    assert cli.main(base + ["--method", "roselora", "--mode", "sequential", "--replay-priority", "0.5"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--method", "roselora", "--mode", "sequential", "--replay", "2", "--replay-priority", "2"])
 
 
 def test_cli_single_mode_resume_skips_the_records_done(cli_files):

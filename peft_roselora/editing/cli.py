@@ -166,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="many-edit mode: earlier edits replayed in every step of a sequential edit (default 0)",
     )
     parser.add_argument(
+        "--replay-priority",
+        type=_number_option(
+            "--replay-priority", float, "a number in [0, 1]", lambda v: math.isfinite(v) and 0 <= v <= 1
+        ),
+        default=None,
+        help="many-edit mode, with --replay: fraction of each step's replayed edits drawn in proportion to their "
+        "target loss as the edit starts (forgotten edits first; default 0, uniform)",
+    )
+    parser.add_argument(
         "--preserve-weight",
         type=_number_option("--preserve-weight", float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
         default=None,
@@ -211,6 +220,7 @@ OPTION_FIELDS = (
     ("nullspace_threshold", "nullspace_threshold"),
     ("l2", "l2"),
     ("replay", "replay"),
+    ("replay_priority", "replay_priority"),
     ("preserve_weight", "preserve_weight"),
     ("preserve_batch", "preserve_batch"),
     ("shared_adapter", "shared_adapter"),
@@ -337,6 +347,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     shared = [m for m, h in hparams.items() if h.shared_adapter]
     if shared and args.mode != "sequential":
         return _user_error(f"--shared-adapter ({shared}) needs --mode sequential, got --mode {args.mode}")
+    replaying = [m for m, h in hparams.items() if h.replay > 0]
+    if replaying and args.mode != "sequential":  # only a sequence has earlier edits to replay
+        return _user_error(f"--replay ({replaying}) needs --mode sequential, got --mode {args.mode}")
     needs_text = [m for m, h in hparams.items() if m in ("memit", "alphaedit") or h.preserve_weight > 0]
     if needs_text and texts is None:
         return _user_error(f"{needs_text} need --stats-text FILE (a sample of text like the model's training text)")

@@ -46,7 +46,9 @@ class EditHyperParams:
     ``l2``. They ignore the adapter fields (``r``, ``lr``, ``steps``, ...), and the gradient methods ignore theirs.
 
     Many-edit mode (every gradient method, sequential editing): ``replay`` earlier edits of the sequence are added to
-    each step's loss (a fresh uniform sample each step); ``preserve_weight`` > 0 adds that weight times the
+    each step's loss (a fresh sample each step: uniform, or with ``replay_priority`` that fraction of it drawn in
+    proportion to each earlier edit's target loss under the model as the edit starts, so forgotten edits are
+    rehearsed first; see :func:`replay_picks`); ``preserve_weight`` > 0 adds that weight times the
     cross-entropy of the *unedited* model's predicted tokens on ``preserve_batch`` texts of the editor's text sample
     (a fresh sample each step). Anchoring on the unedited model, not on the model before the current edit, keeps
     drift from accumulating over a sequence; only the predicted token ids are stored (one per text token).
@@ -87,6 +89,7 @@ class EditHyperParams:
     nullspace_threshold: float = 2e-2
     l2: float = 10.0
     replay: int = 0
+    replay_priority: float = 0.0
     preserve_weight: float = 0.0
     preserve_batch: int = 8
     shared_adapter: bool = False
@@ -112,6 +115,10 @@ class EditHyperParams:
         for name in ("v_weight_decay", "kl_factor", "preserve_weight", "replay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.replay_priority <= 1:
+            raise ValueError(f"`replay_priority` must be in [0, 1], got {self.replay_priority}")
+        if self.replay_priority > 0 and self.replay == 0:
+            raise ValueError(f"`replay_priority={self.replay_priority}` needs `replay` > 0 (earlier edits replayed)")
         for name in ("v_steps", "preserve_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
@@ -227,8 +234,8 @@ def _padded_examples_of(pairs: Sequence[tuple[list[int], list[int]]], tokenizer,
     return input_ids, mask, labels
 
 
-def _target_loss(model, examples) -> torch.Tensor:
-    """Mean over requests of each request's mean cross-entropy on its target tokens (one padded forward pass)."""
+def _request_losses(model, examples) -> torch.Tensor:
+    """Each request's mean cross-entropy on its target tokens, shape ``(n,)`` (one padded forward pass)."""
     input_ids, mask, labels = examples
     logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
     shifted = labels[:, 1:]
@@ -236,7 +243,49 @@ def _target_loss(model, examples) -> torch.Tensor:
         logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="none"
     ).view(shifted.shape)
     counts = (shifted != -100).sum(dim=1)
-    return (per_token.sum(dim=1) / counts).mean()
+    return per_token.sum(dim=1) / counts
+
+
+def _target_loss(model, examples) -> torch.Tensor:
+    """Mean over requests of each request's mean cross-entropy on its target tokens."""
+    return _request_losses(model, examples).mean()
+
+
+def replay_picks(total: int, count: int, losses: Optional[torch.Tensor] = None, priority: float = 0.0) -> list[int]:
+    """Indices (into the ``total`` earlier edits) of the ``min(count, total)`` edits one step replays:
+    ``round(priority * count)`` of them drawn without replacement with probability proportional to ``losses`` (each
+    earlier edit's target loss; zero losses are drawn last), the rest uniformly from the edits not drawn yet. With
+    ``priority == 0`` this is ``torch.randperm(total)[:count]``. Uses torch's global generator (the editor seeds it
+    per edit, so a resumed sequence draws the same).
+
+    Args:
+        total: the number of earlier edits, ``>= 0``.
+        count: how many to replay, ``>= 0``.
+        losses: shape ``(total,)``, finite and non-negative; needed when ``priority > 0``.
+        priority: the fraction of the sample drawn by loss, in ``[0, 1]``.
+
+    Raises:
+        ValueError: ``priority`` outside ``[0, 1]``; ``priority > 0`` without ``losses``, or ``losses`` of another
+            shape, negative or not finite.
+    """
+    if not 0 <= priority <= 1:
+        raise ValueError(f"`priority` must be in [0, 1], got {priority}")
+    count = min(count, total)
+    if priority == 0:
+        return torch.randperm(total)[:count].tolist()
+    if losses is None or losses.shape != (total,):
+        shape = None if losses is None else tuple(losses.shape)
+        raise ValueError(f"`losses` must have shape ({total},) when `priority` > 0, got {shape}")
+    if not bool(torch.isfinite(losses).all()) or bool((losses < 0).any()):
+        raise ValueError("`losses` must be finite and >= 0 (a NaN or negative earlier-edit loss)")
+    by_loss = round(priority * count)
+    weights = losses.detach().double().cpu() + 1e-12  # all-zero losses: uniform
+    drawn = torch.multinomial(weights, by_loss, replacement=False) if by_loss else torch.empty(0, dtype=torch.long)
+    rest = torch.ones(total, dtype=torch.bool)
+    rest[drawn] = False
+    others = rest.nonzero().squeeze(1)
+    uniform = others[torch.randperm(len(others))[: count - by_loss]]
+    return drawn.tolist() + uniform.tolist()
 
 
 SHARED_PREFIX = "shared."
@@ -670,6 +719,23 @@ class Editor:
             )
         return self._encodings[id(request)]
 
+    @torch.no_grad()
+    def _memory_losses(self, batch_size: int = 64) -> torch.Tensor:
+        """Each earlier edit's target loss under the current model (eval mode), shape ``(len(self.memory),)``."""
+        training = self.model.training
+        self.model.eval()
+        losses = [
+            _request_losses(
+                self.model,
+                _padded_examples(
+                    self.tokenizer, [self._encoded(r) for r in self.memory[start : start + batch_size]], self.device
+                ),
+            )
+            for start in range(0, len(self.memory), batch_size)
+        ]
+        self.model.train(training)
+        return torch.cat(losses).cpu()
+
     def _many_edit_loss(self, requests):
         """The step's loss function: the requests' target loss, plus (many-edit mode) ``replay`` earlier edits and
         the preservation cross-entropy to the unedited model's predictions on a sample of the text sample."""
@@ -677,14 +743,16 @@ class Editor:
         examples = _padded_examples(self.tokenizer, [self._encoded(r) for r in requests], self.device)
         self._record_preservation_targets()
 
+        priorities = self._memory_losses() if h.replay and h.replay_priority > 0 and self.memory else None
+
         def loss_of(model) -> torch.Tensor:
             loss = _target_loss(model, examples)
             if h.replay and self.memory:
-                count = min(h.replay, len(self.memory))
-                picks = torch.randperm(len(self.memory))[:count].tolist()
+                picks = replay_picks(len(self.memory), h.replay, priorities, h.replay_priority)
                 replayed = _padded_examples(
                     self.tokenizer, [self._encoded(self.memory[i]) for i in picks], self.device
                 )
+                count = len(picks)
                 loss = (loss * len(requests) + _target_loss(model, replayed) * count) / (len(requests) + count)
             if h.preserve_weight > 0:
                 picks = torch.randint(len(self._preserve), (h.preserve_batch,)).tolist()
