@@ -219,7 +219,7 @@ def test_many_edit_mode_needs_its_text_sample_and_keeps_earlier_edits(tiny_lm):
 
 
 def test_replay_picks_draws_the_forgotten_edits_first():
-    from peft_roselora.editing.editor import replay_picks
+    from peft_roselora.editing import replay_picks
 
     losses = torch.tensor([0.0, 2.0, 0.0, 0.0, 3.0, 0.0, 1.0, 0.0])
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from .data import (
     select_split,
     split_of,
 )
-from .editor import METHODS, EditHyperParams, Editor, EditResult
+from .editor import METHODS, EditHyperParams, Editor, EditResult, replay_picks
 
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "LoadedRequests",
     "load_edit_requests",
     "parse_edit_records",
+    "replay_picks",
     "select_split",
     "split_of",
 ]
