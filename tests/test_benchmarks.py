@@ -164,6 +164,12 @@ def test_editing_protocol_quick_search_batch_sequential_and_resume(tmp_path):
     (tmp_path / "s.json").unlink()
     assert "resumed after" in run("sequential.py", *options, str(tmp_path / "s.json"))
     assert json.loads((tmp_path / "s.json").read_text())["methods"] == first["methods"]
+    assert first["edit_seed"] == 0  # --seed's default
+    # the saved state belongs to edit seed 0: resuming it under another edit seed is refused, naming both
+    command = [sys.executable, str(BENCHMARKS / "editing" / "sequential.py"), "--quick", "--data", str(ZSRE)]
+    command += ["--cache-dir", str(tmp_path / "cache"), *options, str(tmp_path / "s.json"), "--edit-seed", "7"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=BENCHMARKS / "editing")
+    assert refused.returncode == 2 and "--edit-seed 7" in refused.stderr and "edit seed 0" in refused.stderr
 
 
 def test_editing_benchmark_loads_the_hub_zsre_file_through_datasets(monkeypatch):

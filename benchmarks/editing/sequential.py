@@ -13,7 +13,7 @@ texts of the dev records' training text; see docs/editing.md). At each checkpoin
 Nothing is lost: each edit's immediate result and each checkpoint are appended to ``<output stem>.jsonl``; the
 editor's state is saved (safetensors) at every checkpoint under ``<output stem>.state/``, and a rerun resumes each
 method from its last saved checkpoint, ending exactly where an uninterrupted run does (edit ``i`` runs under seed
-``seed + i``).
+``edit_seed + i``; ``--edit-seed`` defaults to ``--seed``, which also seeds the base model's training).
 """
 
 from __future__ import annotations
@@ -112,10 +112,19 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--side", choices=["test", "dev"], default="test", help="edit the test (report) or dev (tuning) records"
     )
+    parser.add_argument(
+        "--edit-seed",
+        type=int,
+        default=None,
+        help="seed of the edits (edit i runs under EDIT_SEED + i; default --seed, which also seeds the base model's "
+        "training): another edit seed repeats a sequence on the same base model",
+    )
     parser.add_argument("--quick", action="store_true", help="12 records, a small base model (CI)")
     parser.add_argument("--output", default=str(HERE.parent / "results" / "editing_sequential.json"))
     parser.add_argument("--plot", default=None, help="PNG of retention, locality and changed weights per checkpoint")
     args = parser.parse_args(argv)
+    if args.edit_seed is None:
+        args.edit_seed = args.seed
     if args.quick:
         args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
         args.checkpoints = [2]
@@ -150,6 +159,15 @@ def main(argv=None) -> int:
     stream = output.with_suffix(".jsonl")
     states = output.with_suffix(".state")
     states.mkdir(exist_ok=True)
+    seed_file = states / "edit_seed.json"
+    if seed_file.exists() and json.loads(seed_file.read_text()) != args.edit_seed:
+        print(
+            f"sequential.py: --edit-seed {args.edit_seed}, but {states} holds a run with edit seed "
+            f"{json.loads(seed_file.read_text())}: resume with that seed or choose another --output",
+            file=sys.stderr,
+        )
+        return 2
+    seed_file.write_text(json.dumps(args.edit_seed))
     measured = {}
     if stream.exists():
         for line in stream.read_text().splitlines():
@@ -161,6 +179,7 @@ def main(argv=None) -> int:
         "model": str(setup.model_path),
         "side": args.side,
         "edits": len(requests),
+        "edit_seed": args.edit_seed,
         "text_sample": f"{len(texts)} training texts of dev records not edited",
         "many_edit_mode": {
             "replay": args.replay,
@@ -209,7 +228,7 @@ def main(argv=None) -> int:
             )
 
         editor.edit_sequence(
-            requests, checkpoints=checkpoints, on_edit=on_edit, on_checkpoint=on_checkpoint, seed=args.seed
+            requests, checkpoints=checkpoints, on_edit=on_edit, on_checkpoint=on_checkpoint, seed=args.edit_seed
         )
         progress.close()
         report["methods"][method] = {
