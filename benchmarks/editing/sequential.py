@@ -160,10 +160,14 @@ def main(argv=None) -> int:
     states = output.with_suffix(".state")
     states.mkdir(exist_ok=True)
     seed_file = states / "edit_seed.json"
-    if seed_file.exists() and json.loads(seed_file.read_text()) != args.edit_seed:
+    # a state saved before edit seeds were recorded ran under --seed
+    saved_seed = json.loads(seed_file.read_text()) if seed_file.exists() else None
+    if saved_seed is None and any(states.glob("*.safetensors")):
+        saved_seed = args.seed
+    if saved_seed is not None and saved_seed != args.edit_seed:
         print(
-            f"sequential.py: --edit-seed {args.edit_seed}, but {states} holds a run with edit seed "
-            f"{json.loads(seed_file.read_text())}: resume with that seed or choose another --output",
+            f"sequential.py: --edit-seed {args.edit_seed}, but {states} holds a run with edit seed {saved_seed}: "
+            "resume with that seed or choose another --output",
             file=sys.stderr,
         )
         return 2
