@@ -130,14 +130,23 @@ def _sequence_hparams(method):
         lr=2e-2,
         clamp_value=None,
         replay=1,
-        replay_priority=1.0 if method.endswith("+priority") else 0.0,
+        replay_priority=1.0 if "+priority" in method else 0.0,
+        hold_steps=30 if method.endswith("+hold") else 0,
         preserve_weight=0.1,
         target_modules=("q_proj", "v_proj", "down_proj"),
     )
 
 
 @pytest.mark.parametrize(
-    "method", ["roselora", "roselora+shared", "roselora+shared+adam", "roselora+shared+priority", "alphaedit"]
+    "method",
+    [
+        "roselora",
+        "roselora+shared",
+        "roselora+shared+adam",
+        "roselora+shared+priority",
+        "roselora+shared+priority+hold",
+        "alphaedit",
+    ],
 )
 def test_a_resumed_sequence_ends_where_an_uninterrupted_one_does(tiny_lm, method):
     model, tokenizer = tiny_lm
@@ -275,6 +284,44 @@ def test_prioritised_replay_weighs_each_earlier_edit_by_its_loss_as_the_edit_sta
     torch.testing.assert_close(seen[0][2], expected.reshape(1))
 
 
+def test_hold_steps_train_on_until_the_edit_holds_and_no_further(tiny_lm):
+    from peft_roselora.editing import editor as editor_module
+
+    model, tokenizer = tiny_lm
+    short = dict(method="lora", lr=2e-2, clamp_value=None, target_modules=("q_proj", "v_proj", "down_proj"))
+    plain = Editor(copy.deepcopy(model), tokenizer, EditHyperParams.scaled_to(5, **short))
+    unheld = plain.edit_single(SECOND)
+    assert unheld.steps == 5 and unheld.reliability < 1.0  # five small steps do not make the edit
+    holding = Editor(copy.deepcopy(model), tokenizer, EditHyperParams.scaled_to(5, hold_steps=200, **short))
+    torch.manual_seed(0)
+    result = holding.edit_single(SECOND)
+    assert result.reliability == 1.0 and 5 < result.steps < 205  # trained on until it held, then stopped
+
+    checks = []
+    verdict = editor_module._requests_held
+
+    def spy(model, examples):
+        checks.append(bool(verdict(model, examples).all()))
+        return verdict(model, examples)
+
+    editor_module._requests_held, saved = spy, editor_module._requests_held
+    try:
+        again = Editor(copy.deepcopy(model), tokenizer, EditHyperParams.scaled_to(5, hold_steps=200, **short))
+        torch.manual_seed(0)
+        assert again.edit_single(SECOND).steps == result.steps  # the check draws nothing: the same run
+    finally:
+        editor_module._requests_held = saved
+    assert checks and checks[-1] and not any(checks[:-1])  # checked after each extra step, stopped at the first hold
+    assert len(checks) == result.steps - 5 + 1
+    for bad, message in (
+        (dict(hold_steps=-1), "`hold_steps` must be >= 0, got -1"),
+        (dict(method="ft-l", hold_steps=5), r"`hold_steps` needs method in \['roselora', 'lora', 'adalora'\]"),
+        (dict(method="alphaedit", hold_steps=5), "got method='alphaedit'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            EditHyperParams(**bad)
+
+
 # ---- the CLI: every mode, configurations, resume -------------------------------------------------------------------
 
 
@@ -344,7 +391,8 @@ def test_cli_shared_adapter_run_ends_as_one_loadable_adapter(cli_files):
     tmp_path, base = cli_files
     options = base + ["--method", "roselora", "--mode", "sequential", "--shared-adapter", "--steps", "40"]
     options += ["--lr", "2e-2", "--no-clamp", "--keep-ratio", "0.5", "--targets", "q_proj", "v_proj", "down_proj"]
-    assert cli.main(options + ["--replay", "1", "--output", str(tmp_path / "shared.json")]) == 0
+    assert cli.main(options + ["--replay", "1", "--hold-steps", "20", "--output", str(tmp_path / "shared.json")]) == 0
+    assert json.loads((tmp_path / "shared.json").read_text())["hparams"]["roselora"]["hold_steps"] == 20
     report = json.loads((tmp_path / "shared.json").read_text())["methods"]["roselora"]
     assert report["adapter"] == str(tmp_path / "shared.roselora.adapter")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
@@ -359,6 +407,9 @@ def test_cli_shared_adapter_run_ends_as_one_loadable_adapter(cli_files):
     assert cli.main(base + ["--method", "roselora", "--mode", "sequential", "--replay-priority", "0.5"]) == 2
     with pytest.raises(SystemExit):
         cli.main(base + ["--method", "roselora", "--mode", "sequential", "--replay", "2", "--replay-priority", "2"])
+    assert cli.main(base + ["--method", "ft-l", "--mode", "single", "--hold-steps", "3"]) == 2  # not ignored
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--method", "roselora", "--hold-steps", "-1"])
 
 
 def test_cli_single_mode_resume_skips_the_records_done(cli_files):

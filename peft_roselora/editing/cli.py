@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --shared-adapter: one Adam optimizer for the whole sequence instead of a fresh one per edit",
     )
+    parser.add_argument(
+        "--hold-steps",
+        type=_number_option("--hold-steps", int, "an integer >= 0", lambda value: value >= 0),
+        default=None,
+        help="roselora / lora / adalora: up to this many more steps after --steps, until the edit holds (every "
+        "target token predicted; default 0)",
+    )
     parser.add_argument("--output", default="edit_results.json")
     parser.add_argument("--plot", default=None, help="PNG with the summary metrics per method (needs matplotlib)")
     return parser
@@ -225,6 +232,7 @@ OPTION_FIELDS = (
     ("preserve_batch", "preserve_batch"),
     ("shared_adapter", "shared_adapter"),
     ("shared_optimizer", "shared_optimizer"),
+    ("hold_steps", "hold_steps"),
 )
 
 

@@ -61,6 +61,11 @@ class EditHyperParams:
     starts a fresh Adam optimizer unless ``shared_optimizer`` keeps one for the whole sequence (its moments carry
     over from edit to edit, so an edit's first steps are not ``lr``-sized steps on every kept entry, as a fresh
     Adam's are); ``unload()`` of the editor's model removes every edit at once.
+
+    ``hold_steps`` (RoseLoRA, LoRA, AdaLoRA): after an edit's ``steps`` (or its early stop), up to ``hold_steps``
+    more steps of the same loss, stopping as soon as the edit holds: the model, in eval mode, predicts every target
+    token of every request of the edit (teacher-forced, reliability 1). 0 (the default) stops after ``steps``; the
+    steps an edit took are in its ``EditResult.steps``.
     """
 
     method: Literal["roselora", "lora", "adalora", "ft-l", "memit", "alphaedit"] = "roselora"
@@ -94,6 +99,7 @@ class EditHyperParams:
     preserve_batch: int = 8
     shared_adapter: bool = False
     shared_optimizer: bool = False
+    hold_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -112,7 +118,7 @@ class EditHyperParams:
         for name in ("v_lr", "mom2_weight", "nullspace_threshold", "l2", "clamp_norm_factor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}")
-        for name in ("v_weight_decay", "kl_factor", "preserve_weight", "replay"):
+        for name in ("v_weight_decay", "kl_factor", "preserve_weight", "replay", "hold_steps"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.replay_priority <= 1:
@@ -128,6 +134,8 @@ class EditHyperParams:
             raise ValueError(
                 f"`shared_adapter` needs method in {list(SHARED_ADAPTER_METHODS)}, got method={self.method!r}"
             )
+        if self.hold_steps and self.method not in ADAPTER_METHODS:
+            raise ValueError(f"`hold_steps` needs method in {list(ADAPTER_METHODS)}, got method={self.method!r}")
         if self.shared_optimizer and not self.shared_adapter:
             raise ValueError("`shared_optimizer=True` needs `shared_adapter=True` (one adapter for the sequence)")
         if self.edit_layers is not None:
@@ -244,6 +252,16 @@ def _request_losses(model, examples) -> torch.Tensor:
     ).view(shifted.shape)
     counts = (shifted != -100).sum(dim=1)
     return per_token.sum(dim=1) / counts
+
+
+@torch.no_grad()
+def _requests_held(model, examples) -> torch.Tensor:
+    """Whether the model predicts every target token of each request (teacher-forced argmax, the reliability
+    metric's test), shape ``(n,)`` bool; one padded forward pass in the model's current mode."""
+    input_ids, mask, labels = examples
+    predicted = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+    shifted = labels[:, 1:]
+    return ((predicted == shifted) | (shifted == -100)).all(dim=1)
 
 
 def _target_loss(model, examples) -> torch.Tensor:
@@ -762,18 +780,35 @@ class Editor:
 
         return loss_of
 
+    def _held_check(self, requests) -> Optional[Callable[[torch.nn.Module], bool]]:
+        """``hold_steps``: a function telling whether the model (put in eval mode for the check) holds every request;
+        None without ``hold_steps``."""
+        if not self.hparams.hold_steps:
+            return None
+        examples = _padded_examples(self.tokenizer, [self._encoded(r) for r in requests], self.device)
+
+        def held(model) -> bool:
+            training = model.training
+            model.eval()
+            verdict = bool(_requests_held(model, examples).all())
+            model.train(training)
+            return verdict
+
+        return held
+
     def _train_adapter(self, requests, keep):
         h = self.hparams
         loss_of = self._many_edit_loss(requests)
+        held = self._held_check(requests)
         if keep and h.shared_adapter:
             if self._shared is None:
                 self._shared = get_peft_model(self.model, self._adapter_config())
             optimizer = self._shared_optimizer() if h.shared_optimizer else None
-            losses = self._optimise_adapter(self._shared, loss_of, optimizer)
+            losses = self._optimise_adapter(self._shared, loss_of, optimizer, held)
             changed, adapted = self._changed_by_adapter(self._shared)
             return self._shared, losses, changed, adapted, None
         peft_model = get_peft_model(self.model, self._adapter_config())
-        losses = self._optimise_adapter(peft_model, loss_of)
+        losses = self._optimise_adapter(peft_model, loss_of, held=held)
         changed, adapted = self._changed_by_adapter(peft_model)
         if keep:
             return peft_model.merge_and_unload(), losses, changed, adapted, None
@@ -789,15 +824,18 @@ class Editor:
             self._shared_adam = _adam(self._shared, self.hparams.lr)
         return self._shared_adam
 
-    def _optimise_adapter(self, peft_model, loss_of, optimizer=None) -> list[float]:
+    def _optimise_adapter(self, peft_model, loss_of, optimizer=None, held=None) -> list[float]:
         """``steps`` Adam steps of ``loss_of`` on the adapter's trainable parameters (``optimizer``, default a fresh
-        one), with RoseLoRA's importance and prune (AdaLoRA's allocation) around each; returns the losses."""
+        one), with RoseLoRA's importance and prune (AdaLoRA's allocation) around each, then (``held``, see
+        ``hold_steps``) up to ``hold_steps`` more until ``held(peft_model)``; returns the losses."""
         h = self.hparams
         optimizer = optimizer if optimizer is not None else _adam(peft_model, h.lr)
         rose = get_roselora_model(peft_model) if h.method == "roselora" else None
         losses = []
         peft_model.train()
-        for step in range(h.steps):
+        for step in range(h.steps + h.hold_steps):
+            if step >= h.steps and (held is None or held(peft_model)):
+                break
             loss = loss_of(peft_model)
             loss.backward()
             if rose is not None:
@@ -809,8 +847,9 @@ class Editor:
                 peft_model.base_model.update_and_allocate(step)
             optimizer.zero_grad()
             losses.append(loss.item())
-            if step + 1 > h.prune_end_step and loss.item() < h.early_stop_loss:
-                break
+            if h.prune_end_step < step + 1 <= h.steps and loss.item() < h.early_stop_loss:
+                if held is None or held(peft_model):
+                    break
         peft_model.eval()
         return losses
 
