@@ -213,7 +213,13 @@ def main(argv=None) -> int:
         progress = tqdm(total=len(requests), initial=len(editor.memory), desc=f"{method} sequential edits")
 
         def on_edit(index, result, method=method, progress=progress):
-            row = {"kind": "edit", "method": method, "index": index, "reliability": result.reliability, "steps": result.steps}
+            row = {
+                "kind": "edit",
+                "method": method,
+                "index": index,
+                "reliability": result.reliability,
+                "steps": result.steps,
+            }
             with stream.open("a") as lines:
                 lines.write(json.dumps(row) + "\n")
             progress.update(1)
