@@ -284,7 +284,7 @@ def test_prioritised_replay_weighs_each_earlier_edit_by_its_loss_as_the_edit_sta
     torch.testing.assert_close(seen[0][2], expected.reshape(1))
 
 
-def test_hold_steps_train_on_until_the_edit_holds_and_no_further(tiny_lm):
+def test_hold_steps_train_on_until_the_edit_holds_and_no_further(tiny_lm, monkeypatch):
     from peft_roselora.editing import editor as editor_module
 
     model, tokenizer = tiny_lm
@@ -301,16 +301,14 @@ def test_hold_steps_train_on_until_the_edit_holds_and_no_further(tiny_lm):
     verdict = editor_module._requests_held
 
     def spy(model, examples):
-        checks.append(bool(verdict(model, examples).all()))
-        return verdict(model, examples)
+        held = verdict(model, examples)
+        checks.append(bool(held.all()))
+        return held
 
-    editor_module._requests_held, saved = spy, editor_module._requests_held
-    try:
-        again = Editor(copy.deepcopy(model), tokenizer, EditHyperParams.scaled_to(5, hold_steps=200, **short))
-        torch.manual_seed(0)
-        assert again.edit_single(SECOND).steps == result.steps  # the check draws nothing: the same run
-    finally:
-        editor_module._requests_held = saved
+    monkeypatch.setattr(editor_module, "_requests_held", spy)
+    again = Editor(copy.deepcopy(model), tokenizer, EditHyperParams.scaled_to(5, hold_steps=200, **short))
+    torch.manual_seed(0)
+    assert again.edit_single(SECOND).steps == result.steps  # the check draws nothing: the same run
     assert checks and checks[-1] and not any(checks[:-1])  # checked after each extra step, stopped at the first hold
     assert len(checks) == result.steps - 5 + 1
     for bad, message in (

@@ -804,7 +804,7 @@ class Editor:
             if self._shared is None:
                 self._shared = get_peft_model(self.model, self._adapter_config())
             optimizer = self._shared_optimizer() if h.shared_optimizer else None
-            losses = self._optimise_adapter(self._shared, loss_of, optimizer, held)
+            losses = self._optimise_adapter(self._shared, loss_of, optimizer, held=held)
             changed, adapted = self._changed_by_adapter(self._shared)
             return self._shared, losses, changed, adapted, None
         peft_model = get_peft_model(self.model, self._adapter_config())
