@@ -424,6 +424,20 @@ def test_cli_single_mode_resume_skips_the_records_done(cli_files):
     assert [r["record_ids"] for r in json.loads(out.read_text())["methods"]["roselora"]["records"]] == [[0], [1], [2]]
 
 
+def test_cli_refused_run_leaves_earlier_output_untouched(cli_files, monkeypatch):
+    from peft_roselora.editing import cli
+
+    tmp_path, base = cli_files
+    monkeypatch.chdir(tmp_path)  # the default --output lands here, if anywhere
+    earlier = tmp_path / "run.jsonl"
+    earlier.write_text('{"method": "roselora", "record_ids": [0]}\n')
+    refused = ["--method", "ft-l", "--hold-steps", "3"]
+    assert cli.main(base + refused + ["--output", str(tmp_path / "run.json")]) == 2
+    assert earlier.read_text() == '{"method": "roselora", "record_ids": [0]}\n'  # not truncated
+    assert cli.main(base + refused) == 2
+    assert not (tmp_path / "edit_results.jsonl").exists()  # nothing written for a refused run
+
+
 def test_cli_reads_search_configs_and_needs_a_text_sample(cli_files, capsys):
     import json
 
