@@ -424,7 +424,7 @@ def test_cli_single_mode_resume_skips_the_records_done(cli_files):
     assert [r["record_ids"] for r in json.loads(out.read_text())["methods"]["roselora"]["records"]] == [[0], [1], [2]]
 
 
-def test_cli_refused_run_leaves_earlier_output_untouched(cli_files, monkeypatch):
+def test_cli_refused_run_leaves_earlier_output_untouched(cli_files, monkeypatch, capsys):
     from peft_roselora.editing import cli
 
     tmp_path, base = cli_files
@@ -436,6 +436,11 @@ def test_cli_refused_run_leaves_earlier_output_untouched(cli_files, monkeypatch)
     assert earlier.read_text() == '{"method": "roselora", "record_ids": [0]}\n'  # not truncated
     assert cli.main(base + refused) == 2
     assert not (tmp_path / "edit_results.jsonl").exists()  # nothing written for a refused run
+    assert cli.main(base + refused + ["--output", str(tmp_path / "new" / "run.json")]) == 2
+    assert not (tmp_path / "new").exists()  # not even the output folder
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(base + ["--output", str(tmp_path / "a-file" / "run.json")]) == 2  # a folder that cannot be made
+    assert f"--output {tmp_path / 'a-file' / 'run.json'}: " in capsys.readouterr().err
 
 
 def test_cli_reads_search_configs_and_needs_a_text_sample(cli_files, capsys):

@@ -334,7 +334,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     output = Path(args.output)
     stream = output.with_suffix(".jsonl")
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
         previous = stream.read_text(encoding="utf-8").splitlines() if args.resume and stream.exists() else []
         loaded = load_edit_requests(args.data, limit=args.limit, on_invalid="collect")
         loaded.requests = select_split(loaded.requests, args.split, args.dev_fraction)
@@ -360,10 +359,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     needs_text = [m for m, h in hparams.items() if m in ("memit", "alphaedit") or h.preserve_weight > 0]
     if needs_text and texts is None:
         return _user_error(f"{needs_text} need --stats-text FILE (a sample of text like the model's training text)")
-    try:  # only once every option is valid: a refused run leaves an earlier run's lines as they were
+    try:  # only once every option is valid: a refused run writes nothing, an earlier run's lines stay as they were
+        output.parent.mkdir(parents=True, exist_ok=True)
         stream.write_text("".join(line + "\n" for line in previous), encoding="utf-8")
     except OSError as error:
-        return _user_error(f"{error.strerror}: {error.filename}")
+        return _user_error(f"--output {args.output}: {error.strerror}: {error.filename}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for _, _, message in loaded.rejected:
