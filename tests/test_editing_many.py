@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -258,8 +259,8 @@ def test_replay_picks_draws_the_forgotten_edits_first():
 
 
 def test_prioritised_replay_weighs_each_earlier_edit_by_its_loss_as_the_edit_starts(tiny_lm, monkeypatch):
-    from peft_roselora.editing import editor as editor_module
     from peft_roselora.editing import metrics
+    from peft_roselora.editing import objective as editor_module
 
     model, tokenizer = tiny_lm
     seen, replay_picks = [], editor_module.replay_picks
@@ -275,8 +276,8 @@ def test_prioritised_replay_weighs_each_earlier_edit_by_its_loss_as_the_edit_sta
     assert seen == []  # nothing to replay during the first edit
     prompt, target = metrics.encode_prompt_target(tokenizer, REQUEST.prompt, REQUEST.target_new)
     with torch.no_grad():  # the first edit's target loss on the model as the second edit starts
-        expected = editor_module._target_loss(
-            editor.model.eval(), editor_module._padded_examples(tokenizer, [(prompt, target)], editor.device)
+        expected = editor_module.target_loss(
+            editor.model.eval(), editor_module.padded_examples(tokenizer, [(prompt, target)], editor.device)
         )
     editor.edit_sequence([REQUEST, SECOND])
     assert len(seen) >= hparams.prune_end_step and all(s[:2] == (1, 1) and s[3] == 1.0 for s in seen)
@@ -285,7 +286,7 @@ def test_prioritised_replay_weighs_each_earlier_edit_by_its_loss_as_the_edit_sta
 
 
 def test_hold_steps_train_on_until_the_edit_holds_and_no_further(tiny_lm, monkeypatch):
-    from peft_roselora.editing import editor as editor_module
+    from peft_roselora.editing import objective as editor_module
 
     model, tokenizer = tiny_lm
     short = dict(method="lora", lr=2e-2, clamp_value=None, target_modules=("q_proj", "v_proj", "down_proj"))
@@ -298,14 +299,14 @@ def test_hold_steps_train_on_until_the_edit_holds_and_no_further(tiny_lm, monkey
     assert result.reliability == 1.0 and 5 < result.steps < 205  # trained on until it held, then stopped
 
     checks = []
-    verdict = editor_module._requests_held
+    verdict = editor_module.requests_held
 
     def spy(model, examples):
         held = verdict(model, examples)
         checks.append(bool(held.all()))
         return held
 
-    monkeypatch.setattr(editor_module, "_requests_held", spy)
+    monkeypatch.setattr(editor_module, "requests_held", spy)
     again = Editor(copy.deepcopy(model), tokenizer, EditHyperParams.scaled_to(5, hold_steps=200, **short))
     torch.manual_seed(0)
     assert again.edit_single(SECOND).steps == result.steps  # the check draws nothing: the same run
@@ -468,13 +469,13 @@ def test_preservation_targets_are_the_unedited_models_predictions(tiny_lm):
     )
     editor = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS)
     editor.edit_sequence([REQUEST, SECOND])  # two merged edits later, the anchor is still the unedited model
-    for text, (ids, predicted) in zip(TEXTS, editor._preserve):
+    for text, (ids, predicted) in zip(TEXTS, editor.objective.preservation_targets):
         assert ids == tokenizer(text)["input_ids"]
         with torch.no_grad():
             by_hand = model(input_ids=torch.tensor([ids])).logits[0, :-1].argmax(-1).tolist()
         assert predicted == by_hand
     with torch.no_grad():  # and the edited model differs from it
-        ids = torch.tensor([editor._preserve[0][0]])
+        ids = torch.tensor([editor.objective.preservation_targets[0][0]])
         assert not torch.equal(editor.model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
@@ -486,3 +487,109 @@ def test_locate_then_edit_leaves_the_models_trainable_flags_alone(tiny_lm):
     hparams = EditHyperParams(method="memit", mom2_weight=1.0, v_steps=3)
     Editor(model, tokenizer, hparams, stats_texts=TEXTS[1:2]).edit_single(REQUEST)
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+
+
+# ---- the structure: a state saved before the editing wing was split, the mode rules shared by API and CLI ---------
+
+
+def test_a_sequence_saved_by_release_0_2_resumes_exactly(tiny_lm):
+    """tests/fixtures/editing_state_0.2.safetensors: ``Editor.state_dict()`` of the 0.2 editor (before its split into
+    backends) after the first edit of this sequence, shared RoseLoRA adapter with one Adam (the richest state)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    model, tokenizer = tiny_lm
+    requests = [REQUEST, SECOND, copy.deepcopy(REQUEST)]
+    hparams = _sequence_hparams("roselora+shared+adam")
+    whole = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS[1:2])
+    expected = whole.edit_sequence(requests, seed=3)[-1]
+    saved = load_file(Path(__file__).parent / "fixtures" / "editing_state_0.2.safetensors")
+    assert set(saved) == set(whole.state_dict())  # the same keys
+    resumed = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS[1:2])
+    assert resumed.load_state_dict(saved, requests) == 1
+    final = resumed.edit_sequence(requests, seed=3)[-1]
+    for name, parameter in whole.model.named_parameters():
+        assert torch.equal(parameter, dict(resumed.model.named_parameters())[name]), name
+    assert final.to_dict() | {"seconds": 0} == expected.to_dict() | {"seconds": 0}
+
+
+@pytest.mark.parametrize(
+    "settings,mode,texts,api_message,cli_options,cli_message",
+    [
+        (
+            dict(replay=2),
+            "single",
+            TEXTS,
+            "`replay=2` applies to sequences",
+            ["--replay", "2"],
+            "--replay (['roselora'])",
+        ),
+        (
+            dict(shared_adapter=True),
+            "batch",
+            TEXTS,
+            "`shared_adapter=True` applies to sequences",
+            ["--mode", "batch", "--shared-adapter"],
+            "--shared-adapter (['roselora']) needs --mode sequential, got --mode batch",
+        ),
+        (
+            dict(method="alphaedit"),
+            "single",
+            None,
+            "method 'alphaedit' needs `stats_texts`",
+            ["--method", "alphaedit"],
+            "['alphaedit'] need --stats-text FILE",
+        ),
+        (
+            dict(preserve_weight=0.5),
+            "sequential",
+            None,
+            "`preserve_weight`=0.5 needs `stats_texts`",
+            ["--mode", "sequential", "--preserve-weight", "0.5"],
+            "['roselora'] need --stats-text FILE",
+        ),
+    ],
+)
+def test_mode_rules_are_one_function_for_api_and_cli(
+    tiny_lm, cli_files, capsys, settings, mode, texts, api_message, cli_message, cli_options
+):
+    from peft_roselora.editing import cli
+    from peft_roselora.editing.hparams import mode_problems
+
+    model, tokenizer = tiny_lm
+    hparams = EditHyperParams(**settings)
+    [problem] = mode_problems(hparams, mode, texts is not None)
+    assert api_message in problem.message
+    with pytest.raises(ValueError, match=re.escape(api_message)):
+        editor = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=texts)
+        editor.edit_single(REQUEST) if mode != "sequential" else editor.edit_sequence([REQUEST])
+    assert mode_problems(hparams, "sequential", True) == []  # each is fine in a sequence with a text sample
+    tmp_path, base = cli_files
+    assert cli.main(base + cli_options + ["--output", str(tmp_path / "refused.json")]) == 2
+    assert cli_message in capsys.readouterr().err
+
+
+def test_cli_options_are_generated_from_every_flagged_field():
+    from dataclasses import fields
+
+    from peft_roselora.editing import cli
+
+    parser = cli.build_parser()
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    flagged = [f for f in fields(EditHyperParams) if f.metadata.get("flag")]
+    assert len(flagged) >= 20 and all(f.metadata["flag"] in flags for f in flagged)
+    help_text = parser.format_help()
+    assert "AlphaEdit: l2 regulariser (default 10.0)" in help_text  # help and default from the field
+    values = {
+        "--r": ("4", 4),
+        "--hold-steps": ("3", 3),
+        "--replay-priority": ("0.5", 0.5),
+        "--fact-token": ("last", "last"),
+    }
+    arguments = ["--model", "m", "--data", "d", "--replay", "2", "--edit-layers", "0", "1"]
+    for flag, (text, _) in values.items():
+        arguments += [flag, text]
+    given = cli.hyper_parameters(parser.parse_args(arguments), "roselora")
+    assert (given.r, given.hold_steps, given.replay_priority, given.fact_token) == tuple(v for _, v in values.values())
+    assert given.edit_layers == (0, 1) and given.replay == 2

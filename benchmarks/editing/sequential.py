@@ -24,12 +24,11 @@ import sys
 from pathlib import Path
 
 from run import HERE, add_model_arguments, prepare, stats_texts
-from safetensors.torch import load_file, save_file
 from search import chosen_configs, hyper_parameters
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from peft_roselora.editing import METHODS, Editor
+from peft_roselora.editing.sequence import run_sequence
 
 
 MANY_EDIT = "+many"
@@ -206,30 +205,16 @@ def main(argv=None) -> int:
             return 2
         model = AutoModelForCausalLM.from_pretrained(setup.model_path)
         editor = Editor(model, setup.tokenizer, hparams, stats_texts=texts)
-        state_file = states / f"{method}.safetensors"
-        if state_file.exists():
-            done = editor.load_state_dict(load_file(state_file), requests)
-            print(f"{method}: resumed after {done} edits", flush=True)
-        progress = tqdm(total=len(requests), initial=len(editor.memory), desc=f"{method} sequential edits")
 
-        def on_edit(index, result, method=method, progress=progress):
-            row = {
-                "kind": "edit",
-                "method": method,
-                "index": index,
-                "reliability": result.reliability,
-                "steps": result.steps,
-            }
+        def write(row, method=method):
             with stream.open("a") as lines:
-                lines.write(json.dumps(row) + "\n")
-            progress.update(1)
+                lines.write(json.dumps({"method": method, **row}) + "\n")
 
-        def on_checkpoint(checkpoint, method=method, editor=editor, state_file=state_file):
-            row = {"kind": "checkpoint", "method": method, **checkpoint.to_dict()}
-            measured[(method, checkpoint.edits)] = row
-            with stream.open("a") as lines:
-                lines.write(json.dumps(row) + "\n")
-            save_file(editor.state_dict(), str(state_file))
+        def compact_row(index, result):
+            return {"kind": "edit", "index": index, "reliability": result.reliability, "steps": result.steps}
+
+        def on_checkpoint(checkpoint, row, method=method):
+            measured[(method, checkpoint.edits)] = {"method": method, **row}
             print(
                 f"\n{method:<15} after {checkpoint.edits:>4} edits: retention {checkpoint.retention:.3f} "
                 f"generalisation {checkpoint.generalization:.3f} locality {checkpoint.locality:.3f} changed "
@@ -237,10 +222,17 @@ def main(argv=None) -> int:
                 flush=True,
             )
 
-        editor.edit_sequence(
-            requests, checkpoints=checkpoints, on_edit=on_edit, on_checkpoint=on_checkpoint, seed=args.edit_seed
+        run_sequence(
+            editor,
+            requests,
+            state_path=states / f"{method}.safetensors",
+            write=write,
+            checkpoints=checkpoints,
+            seed=args.edit_seed,
+            edit_row=compact_row,
+            on_checkpoint=on_checkpoint,
+            label=f"{method} sequential edits",
         )
-        progress.close()
         report["methods"][method] = {
             "config": config,
             "checkpoints": [measured[(method, c)] for c in checkpoints if (method, c) in measured],

@@ -9,7 +9,10 @@ from .data import (
     select_split,
     split_of,
 )
-from .editor import METHODS, EditHyperParams, Editor, EditResult, replay_picks
+from .editor import METHODS, Editor
+from .hparams import EditHyperParams
+from .objective import replay_picks
+from .results import EditResult
 
 
 __all__ = [

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -36,7 +35,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import SPLITS, EditDataError, load_edit_requests, select_split
-from .editor import METHODS, EditHyperParams, Editor
+from .editor import METHODS, Editor
+from .hparams import (
+    MODES,
+    EditHyperParams,
+    add_hparam_options,
+    field_metadata,
+    hparam_values,
+    mode_problems,
+    option_type,
+)
+from .sequence import run_sequence
 
 
 SUMMARY_FIELDS = (
@@ -60,49 +69,19 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
-def _number_option(name: str, convert, expected: str, valid):
-    """An argparse ``type`` converting with ``convert`` and accepting values for which ``valid`` holds; errors name
-    the option, what it expects and the text given."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be {expected}, got {text!r}") from None
-        if not valid(value):
-            raise argparse.ArgumentTypeError(f"{name} must be {expected}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _finite_positive(name: str):
-    return _number_option(name, float, "a finite number > 0", lambda value: math.isfinite(value) and value > 0)
-
-
-def _positive_int(name: str):
-    return _number_option(name, int, "an integer >= 1", lambda value: value >= 1)
-
-
-def _keep_ratio(text: str) -> float:
-    value = _finite_positive("--keep-ratio")(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"--keep-ratio must be in (0, 1], got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The run's options here; one option per hyperparameter from ``EditHyperParams``' field metadata."""
     parser = argparse.ArgumentParser(
         prog="roselora-edit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="local Hugging Face causal LM folder (model and tokenizer)")
     parser.add_argument("--data", required=True, help="JSON file of edit records (EasyEdit, MEND zsRE, CounterFact)")
     parser.add_argument("--method", default="roselora", choices=[*METHODS, "all"])
-    parser.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
+    parser.add_argument("--mode", default="single", choices=list(MODES))
     parser.add_argument(
         "--checkpoints",
         nargs="+",
-        type=_positive_int("--checkpoints"),
+        type=option_type("--checkpoints", "int>=1"),
         default=[],
         help="sequential mode: measure every edit so far after these numbers of edits (and after the last)",
     )
@@ -119,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON file of hyperparameters: a dict of EditHyperParams fields, a dict of them per method, or the "
         "output of benchmarks/editing/search.py (its chosen configurations); options given explicitly win",
     )
-    parser.add_argument("--limit", type=_positive_int("--limit"), default=None, help="first N records only")
+    parser.add_argument("--limit", type=option_type("--limit", "int>=1"), default=None, help="first N records only")
     parser.add_argument(
         "--split",
         default="all",
@@ -129,111 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dev-fraction",
-        type=_number_option("--dev-fraction", float, "a number in (0, 1)", lambda value: 0 < value < 1),
+        type=_dev_fraction,
         default=0.5,
         help="share of records on the dev side of --split (default 0.5)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=_finite_positive("--lr"), default=None, help="learning rate (default 5e-4)")
-    parser.add_argument(
-        "--steps",
-        type=_positive_int("--steps"),
-        default=None,
-        help="optimizer steps per edit (default 25; the schedule is scaled in proportion)",
-    )
-    parser.add_argument("--r", type=_positive_int("--r"), default=None, help="adapter rank (default 8)")
-    parser.add_argument("--alpha", type=_finite_positive("--alpha"), default=None, help="lora_alpha (default 32)")
-    parser.add_argument("--targets", nargs="+", default=None, help="target modules (default q_proj v_proj)")
-    parser.add_argument("--keep-ratio", type=_keep_ratio, default=None, help="RoseLoRA keep ratio (default 0.05)")
-    clamp = parser.add_mutually_exclusive_group()
-    clamp.add_argument("--clamp", type=_finite_positive("--clamp"), default=None, help="RoseLoRA clamp (default 3e-3)")
-    clamp.add_argument("--no-clamp", action="store_true", help="turn RoseLoRA's clamp off")
-    parser.add_argument("--ft-layer", type=int, default=None, help="FT-L: decoder layer (default the middle one)")
-    parser.add_argument("--ft-norm", type=_finite_positive("--ft-norm"), default=None, help="FT-L: L-inf bound")
-    parser.add_argument("--edit-layers", nargs="+", type=int, default=None, help="MEMIT / AlphaEdit layers")
-    parser.add_argument("--fact-token", choices=["subject_last", "last"], default=None, help="MEMIT / AlphaEdit")
-    parser.add_argument("--v-lr", type=_finite_positive("--v-lr"), default=None, help="MEMIT / AlphaEdit (0.5)")
-    parser.add_argument("--v-steps", type=_positive_int("--v-steps"), default=None, help="MEMIT / AlphaEdit (25)")
-    parser.add_argument("--mom2-weight", type=_finite_positive("--mom2-weight"), default=None, help="MEMIT (15000)")
-    parser.add_argument(
-        "--nullspace-threshold", type=_finite_positive("--nullspace-threshold"), default=None, help="AlphaEdit (2e-2)"
-    )
-    parser.add_argument("--l2", type=_finite_positive("--l2"), default=None, help="AlphaEdit (10)")
-    parser.add_argument(
-        "--replay",
-        type=_number_option("--replay", int, "an integer >= 0", lambda value: value >= 0),
-        default=None,
-        help="many-edit mode: earlier edits replayed in every step of a sequential edit (default 0)",
-    )
-    parser.add_argument(
-        "--replay-priority",
-        type=_number_option(
-            "--replay-priority", float, "a number in [0, 1]", lambda v: math.isfinite(v) and 0 <= v <= 1
-        ),
-        default=None,
-        help="many-edit mode, with --replay: fraction of each step's replayed edits drawn in proportion to their "
-        "target loss as the edit starts (forgotten edits first; default 0, uniform)",
-    )
-    parser.add_argument(
-        "--preserve-weight",
-        type=_number_option("--preserve-weight", float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
-        default=None,
-        help="many-edit mode: weight of the cross-entropy to the unedited model's predictions on --stats-text "
-        "(default 0)",
-    )
-    parser.add_argument(
-        "--preserve-batch",
-        type=_positive_int("--preserve-batch"),
-        default=None,
-        help="many-edit mode: texts of --stats-text in each step's preservation loss (default 8)",
-    )
-    parser.add_argument(
-        "--shared-adapter",
-        action="store_true",
-        default=None,
-        help="sequential mode, roselora / lora: every edit trains one adapter kept across the sequence (RoseLoRA: "
-        "one support, fixed after the first edit) instead of a fresh adapter merged after each edit",
-    )
-    parser.add_argument(
-        "--shared-optimizer",
-        action="store_true",
-        default=None,
-        help="with --shared-adapter: one Adam optimizer for the whole sequence instead of a fresh one per edit",
-    )
-    parser.add_argument(
-        "--hold-steps",
-        type=_number_option("--hold-steps", int, "an integer >= 0", lambda value: value >= 0),
-        default=None,
-        help="roselora / lora / adalora: up to this many more steps after --steps, until the edit holds (every "
-        "target token predicted; default 0)",
-    )
+    add_hparam_options(parser)
     parser.add_argument("--output", default="edit_results.json")
     parser.add_argument("--plot", default=None, help="PNG with the summary metrics per method (needs matplotlib)")
     return parser
 
 
-OPTION_FIELDS = (
-    ("lr", "lr"),
-    ("r", "r"),
-    ("alpha", "lora_alpha"),
-    ("keep_ratio", "keep_ratio"),
-    ("steps", "steps"),
-    ("ft_layer", "ft_layer"),
-    ("ft_norm", "ft_norm"),
-    ("fact_token", "fact_token"),
-    ("v_lr", "v_lr"),
-    ("v_steps", "v_steps"),
-    ("mom2_weight", "mom2_weight"),
-    ("nullspace_threshold", "nullspace_threshold"),
-    ("l2", "l2"),
-    ("replay", "replay"),
-    ("replay_priority", "replay_priority"),
-    ("preserve_weight", "preserve_weight"),
-    ("preserve_batch", "preserve_batch"),
-    ("shared_adapter", "shared_adapter"),
-    ("shared_optimizer", "shared_optimizer"),
-    ("hold_steps", "hold_steps"),
-)
+def _dev_fraction(text: str) -> float:
+    value = option_type("--dev-fraction", "fraction")(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"--dev-fraction must be a number in (0, 1), got {text!r}")
+    return value
 
 
 def config_for(config: Optional[dict], method: str) -> dict:
@@ -251,30 +141,23 @@ def config_for(config: Optional[dict], method: str) -> dict:
 def hyper_parameters(args: argparse.Namespace, method: str, config: Optional[dict] = None) -> EditHyperParams:
     """The editing hyperparameters the options select: the ``--config`` file's, then the options given explicitly,
     then the recipe's defaults (``steps`` scales the schedule in proportion, see ``EditHyperParams.from_config``)."""
-    values = config_for(config, method)
-    for option, name in OPTION_FIELDS:
-        if getattr(args, option) is not None:
-            values[name] = getattr(args, option)
-    if args.targets is not None:
-        values["target_modules"] = tuple(args.targets)
-    if args.edit_layers is not None:
-        values["edit_layers"] = tuple(args.edit_layers)
-    if args.no_clamp:
-        values["clamp_value"] = None
-    elif args.clamp is not None:
-        values["clamp_value"] = args.clamp
-    return EditHyperParams.from_config(method, values)
+    return EditHyperParams.from_config(method, {**config_for(config, method), **hparam_values(args)})
 
 
-def _checked_row(result) -> dict:
-    """The result as a strict-JSON dict: a non-finite loss marks the record failed with the reason."""
-    row = result.to_dict()
-    bad = [name for name, value in row.items() if isinstance(value, float) and not math.isfinite(value)]
-    for name in bad:
-        row[name] = None
-    if bad:
-        row["failed"] = f"non-finite {', '.join(bad)}"
-    return row
+def refused(hparams: dict[str, EditHyperParams], mode: str, has_stats_texts: bool) -> Optional[str]:
+    """The CLI's message for the first rule of ``hparams.mode_problems`` the methods break (their names grouped),
+    or None."""
+    by_field: dict[str, list[str]] = {}
+    for method, values in hparams.items():
+        for problem in mode_problems(values, mode, has_stats_texts):
+            by_field.setdefault(problem.field, [])
+            if method not in by_field[problem.field]:
+                by_field[problem.field].append(method)
+    for name, methods in by_field.items():
+        if name == "stats_texts":
+            return f"{methods} need --stats-text FILE (a sample of text like the model's training text)"
+        return f"{field_metadata(name)['flag']} ({methods}) needs --mode sequential, got --mode {mode}"
+    return None
 
 
 def _user_error(message: str) -> int:
@@ -293,35 +176,9 @@ def _state_path(output: Path, method: str) -> Path:
     return output.with_name(f"{output.stem}.{method}.state.safetensors")
 
 
-def _run_sequential(editor, requests, args, method, output, lines) -> tuple[list[dict], list[dict]]:
-    """Sequential mode: edit rows (measured right after each edit) and checkpoint rows, streamed as they come."""
-    from safetensors.torch import load_file, save_file
-
-    state = _state_path(output, method)
-    if args.resume and state.exists():
-        done = editor.load_state_dict(load_file(state), requests)
-        print(f"roselora-edit: {method}: resumed after {done} edits from {state}", file=sys.stderr)
-    edits, checkpoints = [], []
-    progress = tqdm(total=len(requests), initial=len(editor.memory), desc=f"{method} sequential edits")
-
-    def on_edit(index, result):
-        row = {**_checked_row(result), "kind": "edit", "index": index}
-        edits.append(row)
-        lines.write(json.dumps({"method": method, **row}, allow_nan=False) + "\n")
-        lines.flush()
-        progress.update(1)
-
-    def on_checkpoint(checkpoint):
-        row = {**checkpoint.to_dict(), "kind": "checkpoint"}
-        checkpoints.append(row)
-        lines.write(json.dumps({"method": method, **row}, allow_nan=False) + "\n")
-        lines.flush()
-        save_file(editor.state_dict(), str(state))
-
-    marks = [c for c in args.checkpoints if c <= len(requests)]
-    editor.edit_sequence(requests, checkpoints=marks, on_edit=on_edit, on_checkpoint=on_checkpoint, seed=args.seed)
-    progress.close()
-    return edits, checkpoints
+def _write_line(lines, row: dict) -> None:
+    lines.write(json.dumps(row, allow_nan=False) + "\n")
+    lines.flush()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -350,15 +207,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         hparams = {method: hyper_parameters(args, method, config) for method in methods}
     except ValueError as error:
         return _user_error(str(error))
-    shared = [m for m, h in hparams.items() if h.shared_adapter]
-    if shared and args.mode != "sequential":
-        return _user_error(f"--shared-adapter ({shared}) needs --mode sequential, got --mode {args.mode}")
-    replaying = [m for m, h in hparams.items() if h.replay > 0]
-    if replaying and args.mode != "sequential":  # only a sequence has earlier edits to replay
-        return _user_error(f"--replay ({replaying}) needs --mode sequential, got --mode {args.mode}")
-    needs_text = [m for m, h in hparams.items() if m in ("memit", "alphaedit") or h.preserve_weight > 0]
-    if needs_text and texts is None:
-        return _user_error(f"{needs_text} need --stats-text FILE (a sample of text like the model's training text)")
+    message = refused(hparams, args.mode, texts is not None)
+    if message:
+        return _user_error(message)
     try:  # only once every option is valid: a refused run writes nothing, an earlier run's lines stay as they were
         output.parent.mkdir(parents=True, exist_ok=True)
         stream.write_text("".join(line + "\n" for line in previous), encoding="utf-8")
@@ -394,7 +245,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             editor = Editor(model, tokenizer, hparams[method], stats_texts=texts)
             report["hparams"][method] = asdict(hparams[method])
             if args.mode == "sequential":
-                edits, checkpoints = _run_sequential(editor, loaded.requests, args, method, output, lines)
+                run = run_sequence(
+                    editor,
+                    loaded.requests,
+                    state_path=_state_path(output, method),
+                    write=lambda row, method=method: _write_line(lines, {"method": method, **row}),
+                    checkpoints=args.checkpoints,
+                    seed=args.seed,
+                    resume=args.resume,
+                    label=f"{method} sequential edits",
+                )
+                edits, checkpoints = run.edits, run.checkpoints
                 failed += sum("failed" in row for row in edits)
                 summary = checkpoints[-1] if checkpoints else {}
                 report["methods"][method] = {"summary": summary, "checkpoints": checkpoints, "edits": edits}
@@ -412,10 +273,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 rows = []
                 results = iter([editor.edit_batch(loaded.requests)])
             for result in results:
-                row = _checked_row(result)
+                row = result.to_row()
                 rows.append(row)
-                lines.write(json.dumps({"method": method, **row}, allow_nan=False) + "\n")
-                lines.flush()
+                _write_line(lines, {"method": method, **row})
             failed += sum("failed" in row for row in rows)
             summary = summarize([row for row in rows if "failed" not in row])
             summary["failed"] = sum("failed" in row for row in rows)

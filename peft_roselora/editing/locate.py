@@ -196,31 +196,33 @@ class _Encoded:
 
 
 class LocateThenEdit:
-    """MEMIT (``method="memit"``) or AlphaEdit (``method="alphaedit"``) on one model: holds the key statistics,
+    """MEMIT (``null_space=False``) or AlphaEdit (``null_space=True``) on one model: holds the key statistics,
     AlphaEdit's projectors and its ``K_p K_p^T`` of earlier edits (``state_dict`` / ``load_state_dict``).
 
     Args:
         model: a causal LM with Llama-style MLPs (see :func:`decoder_layers`); edited in place.
         tokenizer: its tokenizer.
-        method: ``"memit"`` or ``"alphaedit"``.
+        name: the method's name (for messages).
         hparams: the editor's :class:`~peft_roselora.editing.EditHyperParams` (``edit_layers``, ``v_lr``,
             ``v_steps``, ``v_weight_decay``, ``kl_factor``, ``clamp_norm_factor``, ``mom2_weight``,
             ``nullspace_threshold``, ``l2``).
         stats_texts: the text sample for the key statistics.
+        null_space: AlphaEdit's update (projected onto the null space of the preserved keys, remembering the keys
+            of earlier edits) instead of MEMIT's.
 
     Raises:
-        ValueError: unknown method, no text sample, a layer index out of range, or a model without Llama-style MLPs.
+        ValueError: no text sample, a layer index out of range, or a model without Llama-style MLPs.
     """
 
-    def __init__(self, model, tokenizer, method: str, hparams, stats_texts: Optional[Sequence[str]]) -> None:
-        if method not in ("memit", "alphaedit"):
-            raise ValueError(f"`method` must be 'memit' or 'alphaedit', got {method!r}")
+    def __init__(
+        self, model, tokenizer, name: str, hparams, stats_texts: Optional[Sequence[str]], null_space: bool
+    ) -> None:
         if not stats_texts:
             raise ValueError(
-                f"method {method!r} needs `stats_texts`: a sample of text the model has seen (its training text, or "
+                f"method {name!r} needs `stats_texts`: a sample of text the model has seen (its training text, or "
                 f"text like it) for the key statistics; got {stats_texts!r}"
             )
-        self.method, self.hparams, self.tokenizer = method, hparams, tokenizer
+        self.null_space, self.hparams, self.tokenizer = null_space, hparams, tokenizer
         num_layers = len(decoder_layers(model))
         self.layers = (
             tuple(hparams.edit_layers) if hparams.edit_layers is not None else default_edit_layers(num_layers)
@@ -234,7 +236,7 @@ class LocateThenEdit:
         self.second_moment = key_statistics(model, tokenizer, list(stats_texts), self.layers)
         self.projector = (
             {layer: null_space_projector(c, hparams.nullspace_threshold) for layer, c in self.second_moment.items()}
-            if method == "alphaedit"
+            if null_space
             else {}
         )
         self.previous_gram = {layer: torch.zeros_like(c) for layer, c in self.second_moment.items()}
@@ -372,15 +374,15 @@ class LocateThenEdit:
         for index, layer in enumerate(self.layers):
             keys, current = self._capture(model, encoded, layer)
             residual = (targets - current) / (len(self.layers) - index)
-            if self.method == "memit":
-                update = memit_update(residual, keys, self.second_moment[layer], self.hparams.mom2_weight)
-            else:
+            if self.null_space:
                 update = alphaedit_update(
                     residual, keys, self.projector[layer], self.previous_gram[layer], self.hparams.l2
                 )
+            else:
+                update = memit_update(residual, keys, self.second_moment[layer], self.hparams.mom2_weight)
             with torch.no_grad():
                 weights[layer].add_(update.to(weights[layer].dtype))
-        if remember and self.method == "alphaedit":
+        if remember and self.null_space:
             for layer in self.layers:
                 keys, _ = self._capture(model, encoded, layer)
                 self.previous_gram[layer] += keys.double() @ keys.double().T

@@ -1,0 +1,202 @@
+"""The edit objective every gradient method trains: the target loss of the requests, the many-edit mode's replay of
+earlier edits and preservation of the unedited model's predictions, and the "does the edit hold" check of
+``hold_steps``. Pure functions of tensors plus :class:`EditObjective`, which owns what they read (the tokenized
+requests, the preservation targets).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import metrics
+from .data import EditRequest
+
+
+LossFunction = Callable[[torch.nn.Module], torch.Tensor]
+
+
+def padded_examples(tokenizer, pairs: Sequence[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``prompt + target`` ids ``(n, T)`` of encoded ``(prompt ids, target ids)`` pairs, attention mask
+    ``(n, T)`` and labels ``(n, T)`` (``-100`` outside the targets)."""
+    input_ids, mask = metrics.padded_batch(tokenizer, [p + t for p, t in pairs], device)
+    labels = metrics.right_padded([[-100] * len(p) + t for p, t in pairs], -100, device)
+    return input_ids, mask, labels
+
+
+def padded_predictions(tokenizer, pairs: Sequence[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids, mask and labels ``(n, T)`` of ``(text ids, predicted next tokens)`` pairs: every position
+    after the first is a label (the prediction made at the position before it)."""
+    input_ids, mask = metrics.padded_batch(tokenizer, [ids for ids, _ in pairs], device)
+    labels = metrics.right_padded([[-100] + list(predicted) for _, predicted in pairs], -100, device)
+    return input_ids, mask, labels
+
+
+def request_losses(model, examples) -> torch.Tensor:
+    """Each request's mean cross-entropy on its target tokens, shape ``(n,)`` (one padded forward pass)."""
+    input_ids, mask, labels = examples
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    shifted = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shifted.shape)
+    counts = (shifted != -100).sum(dim=1)
+    return per_token.sum(dim=1) / counts
+
+
+def target_loss(model, examples) -> torch.Tensor:
+    """Mean over requests of each request's mean cross-entropy on its target tokens (a scalar)."""
+    return request_losses(model, examples).mean()
+
+
+@torch.no_grad()
+def requests_held(model, examples) -> torch.Tensor:
+    """Whether the model predicts every target token of each request (teacher-forced argmax, the reliability
+    metric's test), shape ``(n,)`` bool; one padded forward pass in the model's current mode."""
+    input_ids, mask, labels = examples
+    predicted = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+    shifted = labels[:, 1:]
+    return ((predicted == shifted) | (shifted == -100)).all(dim=1)
+
+
+def replay_picks(total: int, count: int, losses: Optional[torch.Tensor] = None, priority: float = 0.0) -> list[int]:
+    """Indices (into the ``total`` earlier edits) of the ``min(count, total)`` edits one step replays:
+    ``round(priority * count)`` of them drawn without replacement with probability proportional to ``losses`` (each
+    earlier edit's target loss; zero losses are drawn last), the rest uniformly from the edits not drawn yet. With
+    ``priority == 0`` this is ``torch.randperm(total)[:count]``. Uses torch's global generator (the editor seeds it
+    per edit, so a resumed sequence draws the same).
+
+    Args:
+        total: the number of earlier edits, ``>= 0``.
+        count: how many to replay, ``>= 0``.
+        losses: shape ``(total,)``, finite and non-negative; needed when ``priority > 0``.
+        priority: the fraction of the sample drawn by loss, in ``[0, 1]``.
+
+    Raises:
+        ValueError: ``priority`` outside ``[0, 1]``; ``priority > 0`` without ``losses``, or ``losses`` of another
+            shape, negative or not finite.
+    """
+    if not 0 <= priority <= 1:
+        raise ValueError(f"`priority` must be in [0, 1], got {priority}")
+    count = min(count, total)
+    if priority == 0:
+        return torch.randperm(total)[:count].tolist()
+    if losses is None or losses.shape != (total,):
+        shape = None if losses is None else tuple(losses.shape)
+        raise ValueError(f"`losses` must have shape ({total},) when `priority` > 0, got {shape}")
+    if not bool(torch.isfinite(losses).all()) or bool((losses < 0).any()):
+        raise ValueError("`losses` must be finite and >= 0 (a NaN or negative earlier-edit loss)")
+    by_loss = round(priority * count)
+    weights = losses.detach().double().cpu() + 1e-12  # all-zero losses: uniform
+    drawn = torch.multinomial(weights, by_loss, replacement=False) if by_loss else torch.empty(0, dtype=torch.long)
+    rest = torch.ones(total, dtype=torch.bool)
+    rest[drawn] = False
+    others = rest.nonzero().squeeze(1)
+    uniform = others[torch.randperm(len(others))[: count - by_loss]]
+    return drawn.tolist() + uniform.tolist()
+
+
+class EditObjective:
+    """The loss an edit trains and its hold check, for one editor.
+
+    Owns the tokenized requests (each tokenized once: replay reads the same requests every step) and the
+    preservation targets (the unedited model's next-token predictions on every text of the text sample, recorded
+    once before the first edit).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        hparams: ``replay``, ``replay_priority``, ``preserve_weight``, ``preserve_batch``, ``hold_steps`` are read.
+        stats_texts: the text sample (needed when ``preserve_weight > 0``).
+        device: where the examples are built.
+    """
+
+    def __init__(self, tokenizer, hparams, stats_texts: Optional[list[str]], device) -> None:
+        self.tokenizer, self.hparams, self.stats_texts, self.device = tokenizer, hparams, stats_texts, device
+        self._encodings: dict[int, tuple[list[int], list[int]]] = {}  # request id -> (prompt ids, target ids)
+        self.preservation_targets: Optional[list[tuple[list[int], list[int]]]] = None  # (text ids, predictions)
+
+    def encoded(self, request: EditRequest) -> tuple[list[int], list[int]]:
+        """``(prompt ids, target ids)`` of a request, tokenized once."""
+        if id(request) not in self._encodings:
+            self._encodings[id(request)] = metrics.encode_prompt_target(
+                self.tokenizer, request.prompt, request.target_new
+            )
+        return self._encodings[id(request)]
+
+    def examples(self, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, ...]:
+        """:func:`padded_examples` of the requests."""
+        return padded_examples(self.tokenizer, [self.encoded(r) for r in requests], self.device)
+
+    @torch.no_grad()
+    def record_preservation_targets(self, unedited_model) -> None:
+        """The unedited model's next-token predictions on every text of the sample (once; without
+        ``preserve_weight`` nothing)."""
+        if self.preservation_targets is not None or self.hparams.preserve_weight == 0:
+            return
+        self.preservation_targets = []
+        for start in range(0, len(self.stats_texts), 32):
+            texts = self.stats_texts[start : start + 32]
+            encoded = [self.tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
+            input_ids, mask = metrics.padded_batch(self.tokenizer, encoded, self.device)
+            predicted = unedited_model(input_ids=input_ids, attention_mask=mask).logits.argmax(-1)
+            for row in range(len(input_ids)):
+                length = int(mask[row].sum())
+                if length < 2:  # nothing to predict
+                    continue
+                self.preservation_targets.append(
+                    (input_ids[row, :length].tolist(), predicted[row, : length - 1].tolist())
+                )
+
+    @torch.no_grad()
+    def memory_losses(self, model, memory: Sequence[EditRequest], batch_size: int = 64) -> torch.Tensor:
+        """Each earlier edit's target loss under ``model`` (eval mode), shape ``(len(memory),)``."""
+        training = model.training
+        model.eval()
+        losses = [
+            request_losses(model, self.examples(memory[start : start + batch_size]))
+            for start in range(0, len(memory), batch_size)
+        ]
+        model.train(training)
+        return torch.cat(losses).cpu()
+
+    def loss_for(self, model, requests: Sequence[EditRequest], memory: Sequence[EditRequest]) -> LossFunction:
+        """The step's loss function of an edit of ``requests`` on ``model`` after the edits ``memory``: the requests'
+        target loss, plus (many-edit mode) ``replay`` earlier edits (a fresh draw of :func:`replay_picks` every
+        step; with ``replay_priority``, weighted by their losses under ``model`` as the edit starts) and
+        ``preserve_weight`` times the cross-entropy to the preservation targets of ``preserve_batch`` texts."""
+        h = self.hparams
+        examples = self.examples(requests)
+        self.record_preservation_targets(model)
+        priorities = self.memory_losses(model, memory) if h.replay and h.replay_priority > 0 and memory else None
+
+        def loss_of(trained) -> torch.Tensor:
+            loss = target_loss(trained, examples)
+            if h.replay and memory:
+                picks = replay_picks(len(memory), h.replay, priorities, h.replay_priority)
+                count = len(picks)
+                replayed = target_loss(trained, self.examples([memory[i] for i in picks]))
+                loss = (loss * len(requests) + replayed * count) / (len(requests) + count)
+            if h.preserve_weight > 0:
+                picks = torch.randint(len(self.preservation_targets), (h.preserve_batch,)).tolist()
+                batch = padded_predictions(self.tokenizer, [self.preservation_targets[i] for i in picks], self.device)
+                loss = loss + h.preserve_weight * target_loss(trained, batch)
+            return loss
+
+        return loss_of
+
+    def held_check(self, requests: Sequence[EditRequest]) -> Optional[Callable[[torch.nn.Module], bool]]:
+        """``hold_steps``: a function telling whether a model (put in eval mode for the check) holds every request;
+        None without ``hold_steps``."""
+        if not self.hparams.hold_steps:
+            return None
+        examples = self.examples(requests)
+
+        def held(model) -> bool:
+            training = model.training
+            model.eval()
+            verdict = bool(requests_held(model, examples).all())
+            model.train(training)
+            return verdict
+
+        return held
