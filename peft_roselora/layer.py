@@ -28,6 +28,7 @@ from peft.tuners.lora.layer import Embedding as LoraEmbedding
 from peft.tuners.lora.layer import LoraVariant
 from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
 from peft.tuners.lora.layer import ParamWrapper as LoraParamWrapper
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import transpose
 
 from . import sharding, sparsity, zero
@@ -204,18 +205,29 @@ class RoseLoraLayer(LoraLayer):
         ``prune_step()`` after every optimizer step keeps the factors masked regardless."""
         if self.rose_masks_keep_all[adapter_name]:
             return
-        if getattr(self, "rose_sharded", False):
-            # FSDP2: the forward sees an all-gathered copy of the factors; their shards are masked by prune_step()
+        storage = self.factor_storage(adapter_name)
+        if storage == "fsdp2":
+            # the forward sees an all-gathered copy of the factors; their shards are masked by prune_step()
             return
-        if not getattr(self, "rose_zero3", False) and self.rose_masked_versions.get(
-            adapter_name
-        ) == self._factor_versions(adapter_name):
+        if storage != "zero3" and self.rose_masked_versions.get(adapter_name) == self._factor_versions(adapter_name):
             return
         # the tensors the forward uses (under ZeRO-3 gathered for this forward only: masked every time)
         sparsity.apply_masks_(
             self.factor_parameters(adapter_name), [self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]]
         )
         self.mark_masked(adapter_name)
+
+    def factor_storage(self, adapter_name: str) -> str:
+        """How the factors of ``adapter_name`` are stored, read from the parameters themselves (the same answer
+        whichever call asks first): ``"whole"`` (plain parameters), ``"fsdp2"`` (``DTensor`` shards, FSDP2),
+        ``"zero"`` (DeepSpeed ZeRO-1/2 partitions of the fp32 masters) or ``"zero3"`` (ZeRO-3: gathered per
+        forward)."""
+        weight = self.factor_parameters(adapter_name)[0]
+        if sharding.is_sharded(weight):
+            return "fsdp2"
+        if zero.is_zero_parameter(weight):
+            return "zero3" if zero.is_zero_stage3(weight) else "zero"
+        return "whole"
 
     def count_unscheduled_forward(self) -> None:
         """Count a training forward pass of an adapter whose importance was never updated; warn at the 20th."""
@@ -288,7 +300,6 @@ class RoseLoraLayer(LoraLayer):
         for factor, weight in zip(("lora_A", "lora_B"), self.factor_parameters(adapter_name)):
             partitioned = zero.is_zero_parameter(weight)
             if partitioned:
-                self._note_zero(weight)
                 grad = zero.full_gradient(weight)
             else:
                 self._factor_rows(adapter_name, factor, weight)
@@ -312,7 +323,6 @@ class RoseLoraLayer(LoraLayer):
         """
         mask = (self.lora_mask_A if factor == "lora_A" else self.lora_mask_B)[adapter_name]
         if sharding.is_sharded(weight):
-            self.rose_sharded = True
             return sharding.shard_rows(weight)  # checks the layout
         if weight.shape != mask.shape:
             raise NotImplementedError(
@@ -322,10 +332,6 @@ class RoseLoraLayer(LoraLayer):
                 "see docs/training.md."
             )
         return None
-
-    def _note_zero(self, weight: torch.Tensor) -> None:
-        self.rose_zero = True
-        self.rose_zero3 = zero.is_zero_stage3(weight)
 
     def commit_factors(self, adapter_name: str, weights: list[torch.Tensor]) -> None:
         """Write factors changed by the schedule (``[A, B]`` from :meth:`factors_and_masks`) back where the
@@ -368,7 +374,6 @@ class RoseLoraLayer(LoraLayer):
         weights, masks = [], [self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]]
         for index, (factor, weight) in enumerate(zip(("lora_A", "lora_B"), self.factor_parameters(adapter_name))):
             if zero.is_zero_parameter(weight):  # a whole fp32 copy: commit_factors() writes it back
-                self._note_zero(weight)
                 weights.append(zero.full_weight(weight))
                 continue
             rows = self._factor_rows(adapter_name, factor, weight)
@@ -560,3 +565,43 @@ class ParamWrapper(_MaskedBeforeUseLayer, LoraParamWrapper):
 
     def __repr__(self) -> str:
         return "roselora." + LoraParamWrapper.__repr__(self)[len("lora.") :]
+
+
+def dispatch_param_wrapper(target: torch.nn.Module, adapter_name: str, lora_config, **kwargs):
+    """The RoseLoRA layer for a parameter named in ``target_parameters``; None for a module target."""
+    if kwargs.get("parameter_name") is None:
+        return None
+    return ParamWrapper(target, adapter_name, config=lora_config, **kwargs)
+
+
+def dispatch_default(target: torch.nn.Module, adapter_name: str, lora_config, **kwargs):
+    """The RoseLoRA layer for a plain ``Embedding``, ``Conv1d/2d/3d``, ``MultiheadAttention``, ``Linear`` or
+    transformers ``Conv1D`` target (``fan_in_fan_out`` corrected to the layer type, with a warning); None for any
+    other."""
+    from transformers.pytorch_utils import Conv1D
+
+    base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    target_name = kwargs.get("target_name", "<unknown>")
+    typed_layers = (
+        (torch.nn.Embedding, Embedding),
+        (torch.nn.Conv1d, Conv1d),
+        (torch.nn.Conv2d, Conv2d),
+        (torch.nn.Conv3d, Conv3d),
+        (torch.nn.MultiheadAttention, MultiheadAttention),
+    )
+    for base_type, rose_type in typed_layers:
+        if isinstance(base_layer, base_type):
+            return rose_type(target, adapter_name, config=lora_config, **kwargs)
+    if isinstance(base_layer, torch.nn.Linear):
+        if lora_config.fan_in_fan_out:
+            warnings.warn(f"fan_in_fan_out=True but '{target_name}' is a torch.nn.Linear: using False.", stacklevel=2)
+            lora_config.fan_in_fan_out = False
+        return Linear(target, adapter_name, config=lora_config, **kwargs)
+    if isinstance(base_layer, Conv1D):
+        if not lora_config.fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out=False but '{target_name}' is a transformers Conv1D: using True.", stacklevel=2
+            )
+            lora_config.fan_in_fan_out = True
+        return Linear(target, adapter_name, config=lora_config, is_target_conv_1d_layer=True, **kwargs)
+    return None

@@ -6,15 +6,16 @@ import warnings
 from typing import Optional, Union
 
 import torch
-from peft.import_utils import is_bnb_4bit_available, is_bnb_available, is_hqq_available
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers.pytorch_utils import Conv1D
 
 from . import sharding, sparsity, zero
+from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
 from .config import RoseLoraConfig
-from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, MultiheadAttention, ParamWrapper, RoseLoraLayer
+from .hqq import dispatch_hqq
+from .layer import RoseLoraLayer, dispatch_default, dispatch_param_wrapper
 from .schedule import AdapterSchedule, ScheduleStateError, replay_last_keep_ratio, should_mask_gradients
+from .torchao import dispatch_torchao
 
 
 SUPPORTED_TARGETS = (
@@ -38,8 +39,11 @@ UNSUPPORTED_QUANTIZERS = {
 }
 
 
-def _refuse_unsupported_quantizer(base_layer: torch.nn.Module, target_name: str) -> None:
-    """Raise a ``ValueError`` naming the backend if ``base_layer`` comes from a quantizer RoseLoRA does not support."""
+def refuse_unsupported_quantizer(target: torch.nn.Module, adapter_name: str, lora_config, **kwargs) -> None:
+    """A dispatcher that takes nothing: it raises a ``ValueError`` naming the backend if ``target``'s base layer
+    comes from a quantizer RoseLoRA does not support (placed before the plain layers' dispatcher)."""
+    base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    target_name = kwargs.get("target_name", "<unknown>")
     package = type(base_layer).__module__.split(".")[0]
     backend = UNSUPPORTED_QUANTIZERS.get(package)
     if backend is not None:
@@ -48,6 +52,18 @@ def _refuse_unsupported_quantizer(base_layer: torch.nn.Module, target_name: str)
             f"{type(base_layer).__module__}.{type(base_layer).__qualname__}). Supported quantizers: bitsandbytes "
             "4-bit and 8-bit, torchao int8 weight-only, HQQ; see docs/usage.md."
         )
+
+
+# tried in order; the first that returns a module makes the layer
+DISPATCHERS = (
+    dispatch_param_wrapper,
+    dispatch_bnb_8bit,
+    dispatch_bnb_4bit,
+    dispatch_hqq,
+    dispatch_torchao,
+    refuse_unsupported_quantizer,
+    dispatch_default,
+)
 
 
 class RoseLoraModel(LoraModel):
@@ -76,74 +92,22 @@ class RoseLoraModel(LoraModel):
 
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        """The RoseLoRA layer for ``target``: the first of :data:`DISPATCHERS` that takes it (each backend file's
+        ``dispatch_*``, as PEFT's LoRA dispatches).
+
+        Raises:
+            ValueError: a quantizer RoseLoRA does not support, or a module type no dispatcher takes (named).
+        """
+        for dispatch in DISPATCHERS:
+            new_module = dispatch(target, adapter_name, lora_config, **kwargs)
+            if new_module is not None:
+                return new_module
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        target_name = kwargs.get("target_name", "<unknown>")
-        if kwargs.get("parameter_name") is not None:  # target_parameters
-            return ParamWrapper(target, adapter_name, config=lora_config, **kwargs)
-        if is_bnb_available():
-            import bitsandbytes as bnb
-
-            from .bnb import Linear8bitLt
-
-            if isinstance(base_layer, bnb.nn.Linear8bitLt):
-                kwargs.update(
-                    has_fp16_weights=base_layer.state.has_fp16_weights,
-                    threshold=base_layer.state.threshold,
-                    index=base_layer.index,
-                )
-                return Linear8bitLt(target, adapter_name, config=lora_config, **kwargs)
-        if is_bnb_4bit_available():
-            import bitsandbytes as bnb
-
-            from .bnb import Linear4bit
-
-            if isinstance(base_layer, bnb.nn.Linear4bit):
-                kwargs.update(
-                    compute_dtype=base_layer.compute_dtype,
-                    compress_statistics=base_layer.weight.compress_statistics,
-                    quant_type=base_layer.weight.quant_type,
-                )
-                return Linear4bit(target, adapter_name, config=lora_config, **kwargs)
-        if is_hqq_available():
-            from .hqq import HQQLinear, HqqLinear
-
-            if isinstance(base_layer, HQQLinear):
-                return HqqLinear(base_layer, adapter_name, config=lora_config, **kwargs)
-        from .torchao import is_torchao_weight
-
-        if is_torchao_weight(base_layer):
-            from .torchao import TorchaoLinear
-
-            return TorchaoLinear(target, adapter_name, config=lora_config, **kwargs)
-        _refuse_unsupported_quantizer(base_layer, target_name)
-        typed_layers = (
-            (torch.nn.Embedding, Embedding),
-            (torch.nn.Conv1d, Conv1d),
-            (torch.nn.Conv2d, Conv2d),
-            (torch.nn.Conv3d, Conv3d),
-            (torch.nn.MultiheadAttention, MultiheadAttention),
-        )
-        for base_type, rose_type in typed_layers:
-            if isinstance(base_layer, base_type):
-                return rose_type(target, adapter_name, config=lora_config, **kwargs)
-        if isinstance(base_layer, torch.nn.Linear):
-            if lora_config.fan_in_fan_out:
-                warnings.warn(
-                    f"fan_in_fan_out=True but '{target_name}' is a torch.nn.Linear: using False.", stacklevel=2
-                )
-                lora_config.fan_in_fan_out = False
-            return Linear(target, adapter_name, config=lora_config, **kwargs)
-        if isinstance(base_layer, Conv1D):
-            if not lora_config.fan_in_fan_out:
-                warnings.warn(
-                    f"fan_in_fan_out=False but '{target_name}' is a transformers Conv1D: using True.", stacklevel=2
-                )
-                lora_config.fan_in_fan_out = True
-            return Linear(target, adapter_name, config=lora_config, is_target_conv_1d_layer=True, **kwargs)
         layer_type = type(base_layer)
         raise ValueError(
-            f"RoseLoRA cannot adapt module '{target_name}' of type {layer_type.__module__}.{layer_type.__qualname__}; "
-            f"supported types are {SUPPORTED_TARGETS}. Remove it from `target_modules`."
+            f"RoseLoRA cannot adapt module '{kwargs.get('target_name', '<unknown>')}' of type "
+            f"{layer_type.__module__}.{layer_type.__qualname__}; supported types are {SUPPORTED_TARGETS}. Remove it "
+            "from `target_modules`."
         )
 
     def add_weighted_adapter(

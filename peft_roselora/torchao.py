@@ -9,6 +9,7 @@ the masked update, so this class only adds the RoseLoRA state and variant.
 from __future__ import annotations
 
 from peft.import_utils import is_torchao_available
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .bnb import _QuantizedRoseLoraLayer
 
@@ -27,3 +28,11 @@ def is_torchao_weight(module) -> bool:
     from torchao.utils import TorchAOBaseTensor
 
     return isinstance(module.weight, TorchAOBaseTensor)
+
+
+def dispatch_torchao(target, adapter_name: str, lora_config, **kwargs):
+    """The RoseLoRA layer for a target whose weight is a torchao tensor; None for any other."""
+    base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if not is_torchao_weight(base_layer):
+        return None
+    return TorchaoLinear(target, adapter_name, config=lora_config, **kwargs)
