@@ -14,7 +14,7 @@ from local_hub import LocalHub
 
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 RUNNABLE = [path for path in DOCS if any(skip is None for _, _, skip in python_blocks(path))]
 
 

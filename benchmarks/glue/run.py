@@ -473,7 +473,7 @@ def summarize(ctx: Context, tasks: list[str], methods: list[str], learning_rates
 
 
 def markdown(report: dict) -> str:
-    """The tables of ``docs/fine-tuning.md``: scores, footprint, forgetting."""
+    """The tables of ``docs/results/fine-tuning.md``: scores, footprint, forgetting."""
     tasks, methods = report["tasks"], report["methods"]
     per_task, average = report["summary"]["per_task"], report["summary"]["average"]
     pct = lambda v: f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"  # noqa: E731
