@@ -123,8 +123,15 @@ def load_compact_state_dict(
         for key in headers:
             if "::" not in key:
                 state[key] = handle.get_tensor(key)
+                if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+                    raise CompactFormatError(f"{path}: '{key}' holds NaN or inf values (a saved factor never does).")
         for key, (rows_shape, shape) in plans.items():
             values, indices = handle.get_tensor(f"{key}::values"), handle.get_tensor(f"{key}::indices").long()
+            if not bool(torch.isfinite(values).all()):
+                raise CompactFormatError(
+                    f"{path}: '{key}::values' holds NaN or inf values (RoseLoRA keeps its factors finite: the file is "
+                    "corrupt)."
+                )
             if bool((indices < 0).any()) or bool((indices >= rows_shape[1]).any()):
                 raise CompactFormatError(f"{path}: '{key}::indices' has positions outside 0..{rows_shape[1] - 1}.")
             if indices.shape[1] > 1 and not bool((indices[:, 1:] > indices[:, :-1]).all()):

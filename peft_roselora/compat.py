@@ -16,7 +16,8 @@ from typing import Optional
 from packaging.version import Version
 
 
-# the transformers releases RoseLoRA declares and tests (pyproject.toml); the way out of an incompatible combination
+# the transformers releases whose adapter API accepts peft 0.21.x: the way out of an incompatible combination (the
+# package itself declares transformers>=5.23 with no upper bound; only this API is affected)
 SUPPORTED_TRANSFORMERS = ">=5.23,<5.24"
 
 
@@ -52,9 +53,9 @@ def transformers_adapter_api_problem(
     return (
         f"transformers {transformers_version} requires peft >= {min_peft_version} for its adapter API "
         f"(add_adapter, set_adapter, delete_adapter, get_adapter_state_dict, ...), but peft {peft_version} is "
-        f"installed and peft-roselora supports peft 0.21.x only. Install a supported transformers: "
+        f"installed and peft-roselora supports peft 0.21.x only. For that API install a transformers that accepts it: "
         f"pip install 'transformers{SUPPORTED_TRANSFORMERS}'. PEFT's own API (get_peft_model, "
-        "PeftModel.from_pretrained, ...) is not affected."
+        "PeftModel.from_pretrained, model.load_adapter, ...) is not affected."
     )
 
 

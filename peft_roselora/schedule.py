@@ -375,7 +375,8 @@ class AdapterSchedule:
 
         Raises:
             ScheduleStateError: a missing or unknown key, a wrong type, a module this adapter does not have, an EMA
-                whose shape differs from its factor, or a configuration fingerprint that differs from this adapter's
+                whose shape differs from its factor or that holds NaN / inf (corruption: the schedule keeps them
+                finite), or a configuration fingerprint that differs from this adapter's
                 (the message names the key or field and both values).
         """
         expected = {
@@ -418,6 +419,12 @@ class AdapterSchedule:
                     raise ScheduleStateError(
                         f"RoseLoRA schedule state '{factor}' of module '{module_name}' has shape {got}, expected a "
                         f"float tensor of shape {want}."
+                    )
+                if not bool(torch.isfinite(value).all()):
+                    raise ScheduleStateError(
+                        f"RoseLoRA schedule state '{factor}' of module '{module_name}' holds non-finite values "
+                        f"({int((~torch.isfinite(value)).sum())} of {value.numel()}): the schedule keeps its "
+                        "importance EMAs finite, so the checkpoint is corrupt. Resume from another checkpoint."
                     )
                 emas[factor][module_name] = value.to(device=devices[module_name], dtype=self.importance_dtype).clone()
         self.step = state["step"]

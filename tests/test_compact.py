@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -162,4 +163,18 @@ def test_standalone_reader_bounds_declared_shapes_by_max_dense_bytes(compact_ori
     mutated, mutated_metadata = _mutate(tensors, metadata, "huge_declared_shape", 0, 0)
     save_file(mutated, str(tmp_path / COMPACT_WEIGHTS_NAME), metadata=mutated_metadata)
     with pytest.raises(CompactFormatError, match=r"declares shape \[4, 1000000000\] .* above max_dense_bytes"):
+        peft_roselora.compact.load_compact_state_dict(str(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["values", "dense"])
+def test_a_compact_file_with_a_non_finite_value_is_refused_naming_the_tensor(compact_original, tmp_path, where):
+    _, tensors, metadata, _ = compact_original
+    tensors = {key: value.clone() for key, value in tensors.items()}
+    if where == "values":
+        key = sorted(k for k in tensors if k.endswith("::values"))[0]
+    else:  # a float tensor stored as it is (a bias)
+        key = sorted(k for k in tensors if "::" not in k and tensors[k].is_floating_point())[0]
+    tensors[key].view(-1)[0] = float("inf") if where == "dense" else float("nan")
+    save_file(tensors, str(tmp_path / COMPACT_WEIGHTS_NAME), metadata=metadata)
+    with pytest.raises(CompactFormatError, match=re.escape(f"'{key}' holds NaN or inf values")):
         peft_roselora.compact.load_compact_state_dict(str(tmp_path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 
 import pytest
+from packaging.version import Version
 from transformers.integrations import peft as transformers_peft
 
 import peft_roselora
@@ -23,10 +24,22 @@ def test_compatible_combinations_pass(minimum):
     assert transformers_adapter_api_problem("5.23.0", "0.21.2", minimum) is None
 
 
-def test_installed_versions_are_compatible():
-    # the declared ranges exclude the broken combination: on any install they allow this holds
-    assert transformers_adapter_api_problem() is None
-    peft_roselora.check_transformers_adapter_api()
+def adapter_api_refused() -> bool:
+    """Whether the installed transformers demands a newer peft for its adapter API (transformers >= 5.24)."""
+    minimum = getattr(transformers_peft, "MIN_PEFT_VERSION", None)
+    return minimum is not None and Version(importlib.metadata.version("peft")) < Version(minimum)
+
+
+def test_installed_versions_follow_the_installed_transformers():
+    # transformers 5.23 accepts peft 0.21.x in its adapter API; 5.24+ refuses it: the check says so, naming both
+    if not adapter_api_refused():
+        assert transformers_adapter_api_problem() is None
+        peft_roselora.check_transformers_adapter_api()
+        return
+    installed = importlib.metadata.version("transformers")
+    assert transformers_adapter_api_problem().startswith(f"transformers {installed} requires peft >=")
+    with pytest.raises(RuntimeError, match="pip install 'transformers>=5.23,<5.24'"):
+        peft_roselora.check_transformers_adapter_api()
 
 
 def test_check_raises_when_transformers_demands_a_newer_peft(monkeypatch):

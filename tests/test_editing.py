@@ -454,3 +454,12 @@ def test_counterfact_stray_braces_and_unanswered_neighbours_are_rejected_records
         (2, "requested_rewrite.target_true.str"),
     ]
     assert "exactly one '{}' subject slot and no other braces" in loaded.rejected[0][2]
+
+
+def test_deeply_nested_json_is_an_edit_data_error(tmp_path):
+    from peft_roselora.editing import EditDataError, load_edit_requests
+
+    path = tmp_path / "nested.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(EditDataError, match="nested too deeply"):
+        load_edit_requests(str(path))

@@ -140,7 +140,10 @@ class _SkipProbe(TrainerCallback):
 @pytest.mark.parametrize(
     "max_grad_norm,fp16_autocast,init_scale",
     [
-        (0.0, False, 2.0**68),  # no clipping: the callback itself must unscale before taking the importance
+        # no clipping: the callback itself must unscale before taking the importance. 2^126 overflows the fp32
+        # gradients of the first step with every accelerate release (2^68 no longer does with accelerate 1.16); the
+        # scaler's backoff then drops the scale far enough that only the first steps are skipped
+        (0.0, False, 2.0**126),
         (1.0, True, 2.0**26),  # fp16 autocast and clipping: accelerate unscales for the clip, the callback reuses it
     ],
     ids=["fp32-no-clip", "fp16-autocast-clip"],
@@ -158,7 +161,8 @@ def test_trainer_with_a_real_grad_scaler_skips_overflowed_steps_entirely(
     )
     # fp16 mixed precision's loss scaling on CPU (accelerate refuses fp16 without a GPU): a real GradScaler whose
     # initial scale overflows the first steps of this model
-    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    backoff = 2.0**-60 if init_scale > 2.0**64 else 0.5
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, backoff_factor=backoff)
     trainer.accelerator.native_amp = True
     if fp16_autocast:  # what fp16=True sets on a GPU: autocast to fp16 and unscaling before clipping
         monkeypatch.setattr(trainer.accelerator.state, "_mixed_precision", "fp16")  # shared state: restored after
@@ -386,6 +390,21 @@ def test_schedule_state_with_a_wrong_key_or_shape_is_refused_naming_it():
         model.base_model.load_schedule_state_dict({"adapters": {"other": state["adapters"]["default"]}})
     with pytest.raises(ScheduleStateError, match="state key 'default::bogus' is not"):
         model.base_model.load_roselora_state_dict({"default::bogus": torch.zeros(1)})
+
+
+def test_a_checkpoint_with_a_non_finite_importance_ema_is_refused_naming_the_tensor(interrupted_trainer_run, tmp_path):
+    from peft_roselora.training import OPTIMIZER_STATE_KEY
+
+    root, _, _ = interrupted_trainer_run
+    corrupt = tmp_path / "checkpoint-9"
+    shutil.copytree(root / "run" / "checkpoint-9", corrupt)
+    optimizer_state = torch.load(corrupt / "optimizer.pt", weights_only=True)
+    emas = optimizer_state["param_groups"][0][OPTIMIZER_STATE_KEY]["adapters"]["default"]["importance_B"]
+    name = sorted(emas)[1]
+    emas[name][0, 0] = float("nan")
+    torch.save(optimizer_state, corrupt / "optimizer.pt")
+    with pytest.raises(ScheduleStateError, match=f"'importance_B' of module '{name}' holds non-finite values"):
+        _resume(tmp_path / "out", corrupt)
 
 
 # ---- mutation-check regressions ------------------------------------------------------------------------------------

@@ -200,6 +200,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _user_error(str(error) if isinstance(error, EditDataError) else f"{error.strerror}: {error.filename}")
     except json.JSONDecodeError as error:
         return _user_error(f"--config {args.config}: invalid JSON: {error}")
+    except RecursionError:
+        return _user_error(f"--config {args.config}: JSON nested too deeply to read")
     if not os.path.isdir(args.model):
         return _user_error(f"--model {args.model}: no such folder")
     try:

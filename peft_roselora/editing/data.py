@@ -222,8 +222,8 @@ def load_edit_requests(
     """Load a JSON file of edit records (see :func:`parse_edit_records`).
 
     Raises:
-        EditDataError: the file is not UTF-8, starts with a byte-order mark, or is not JSON (names the file and the
-            position), or a record is malformed.
+        EditDataError: the file is not UTF-8, starts with a byte-order mark, is not JSON (names the file and the
+            position) or nests too deeply to read, or a record is malformed.
         OSError: the file is missing or unreadable.
     """
     with open(path, "rb") as handle:
@@ -239,6 +239,10 @@ def load_edit_requests(
     except json.JSONDecodeError as error:
         raise EditDataError(
             f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
+    except RecursionError:
+        raise EditDataError(
+            f"{path}: JSON nested too deeply to read (no edit record format nests like this)"
         ) from None
     return parse_edit_records(records, fmt=fmt, limit=limit, on_invalid=on_invalid)
 
