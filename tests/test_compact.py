@@ -92,6 +92,8 @@ def _mutate(tensors, metadata, kind, pick, row):
         tensors[values] = tensors[values] != 0
     elif kind == "duplicate_index":
         tensors[indices][row, -1] = tensors[indices][row, 0]
+    elif kind == "adjacent_duplicate_index":  # still non-decreasing: only a strict check refuses it
+        tensors[indices][row, 1] = tensors[indices][row, 0]
     elif kind == "index_too_large":
         tensors[indices][row, -1] = layout[factor][1 if "lora_A" in factor else 0]
     elif kind == "negative_index":
@@ -120,7 +122,8 @@ def _mutate(tensors, metadata, kind, pick, row):
 
 
 KINDS = [
-    "none", "bool_indices", "float_indices", "int_values", "bool_values", "duplicate_index", "index_too_large",
+    "none", "bool_indices", "float_indices", "int_values", "bool_values", "duplicate_index",
+    "adjacent_duplicate_index", "index_too_large",
     "negative_index", "fewer_index_columns", "fewer_rows", "huge_declared_shape", "smaller_declared_shape",
     "missing_tensor", "extra_tensor", "unsorted_indices", "layout_not_json",
 ]  # fmt: skip

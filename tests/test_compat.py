@@ -19,9 +19,14 @@ def test_transformers_5_24_with_peft_0_21_is_named_with_both_versions_and_the_fi
     assert "pip install 'transformers>=5.23,<5.24'" in message
 
 
-@pytest.mark.parametrize("minimum", ["0.20.0", "0.21.2", None])
+@pytest.mark.parametrize("minimum", ["0.20.0", "0.21.2"])
 def test_compatible_combinations_pass(minimum):
     assert transformers_adapter_api_problem("5.23.0", "0.21.2", minimum) is None
+
+
+def test_a_transformers_without_a_minimum_peft_passes(monkeypatch):
+    monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", None)
+    assert transformers_adapter_api_problem("5.23.0", "0.21.2") is None
 
 
 def adapter_api_refused() -> bool:

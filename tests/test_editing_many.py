@@ -246,6 +246,9 @@ def test_replay_picks_draws_the_forgotten_edits_first():
     counts = torch.bincount(torch.tensor([replay_picks(8, 1, losses, 1.0)[0] for _ in range(3000)]), minlength=8)
     torch.testing.assert_close(counts[[1, 4, 6]] / 3000.0, torch.tensor([2.0, 3.0, 1.0]) / 6, atol=0.03, rtol=0)
     assert replay_picks(0, 3, torch.zeros(0), 1.0) == []
+    for seed in range(20):  # round(0.9 * 3) = 3 by loss: exactly the three edits with a loss, whatever the draw
+        torch.manual_seed(seed)
+        assert set(replay_picks(8, 3, losses, 0.9)) == {1, 4, 6}
     with pytest.raises(ValueError, match=r"`priority` must be in \[0, 1\], got 1.5"):
         replay_picks(8, 3, losses, 1.5)
     with pytest.raises(ValueError, match=r"`losses` must have shape \(8,\) when `priority` > 0, got None"):

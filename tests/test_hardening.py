@@ -376,6 +376,35 @@ def test_resuming_with_a_different_schedule_is_refused_naming_the_field(interrup
         _resume(tmp_path / "out", root / "run" / "checkpoint-9", keep_ratio=0.5)
 
 
+def test_a_schedule_state_restores_the_last_keep_ratio_and_every_counter():
+    model = _model(prune_mode="persistent")
+    _steps(model, _hooked(model), 0, 5)  # mid decay: the last selection's keep ratio is neither None nor final
+    saved = model.base_model.adapter_schedule()
+    assert saved.last_keep_ratio is not None and 0.25 < saved.last_keep_ratio < 1.0
+    fresh = _model(prune_mode="persistent")
+    fresh.base_model.load_schedule_state_dict(model.base_model.schedule_state_dict())
+    loaded = fresh.base_model.adapter_schedule()
+    for name in ("step", "last_keep_ratio", "skipped_steps", "nonfinite_steps", "importance_pending"):
+        assert getattr(loaded, name) == getattr(saved, name), name
+
+
+def test_persistent_scores_put_pruned_entries_of_both_factors_last():
+    from peft_roselora.schedule import PRUNED_SCORE, AdapterSchedule
+
+    importance_a, importance_b = torch.rand(4, 6), torch.rand(4, 5)
+    mask_a, mask_b = torch.rand(4, 6) > 0.5, torch.rand(4, 5) > 0.5
+    for mode, expected in (
+        (
+            "persistent",
+            (importance_a.masked_fill(~mask_a, PRUNED_SCORE), importance_b.masked_fill(~mask_b, PRUNED_SCORE)),
+        ),
+        ("reselect", (importance_a, importance_b)),
+    ):
+        config = RoseLoraConfig(r=4, target_modules=["q_proj"], keep_ratio=0.5, total_step=10, prune_mode=mode)
+        scores = AdapterSchedule(config).selection_scores(importance_a, importance_b, mask_a, mask_b)
+        assert all(torch.equal(got, want) for got, want in zip(scores, expected)), mode
+
+
 def test_schedule_state_with_a_wrong_key_or_shape_is_refused_naming_it():
     model = _model()
     optimizer = _hooked(model)
