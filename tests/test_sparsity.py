@@ -157,3 +157,21 @@ def test_module_sparsity_counts():
     assert row.max_row_density_a == pytest.approx(1 / 3) and row.max_col_density_b == pytest.approx(1 / 4)
     assert row.proposition1_bound == pytest.approx(1 / 6)  # by hand: rows of A 1/3 each, columns of B 1/4 each
     assert row.delta_density == pytest.approx(1 / 6)  # the bound is tight here: B @ A has 2 of 12 entries
+
+
+def test_the_ema_update_follows_the_processes_agreement_on_finiteness():
+    """Under FSDP2 each process sees only its rows: a non-finite gradient on another process (``agree`` says not
+    finite) must skip this process's update too, and an agreement of finite lets it run."""
+    weights, grads = [torch.randn(2, 3), torch.randn(3, 2)], [torch.randn(2, 3), torch.randn(3, 2)]
+    emas = [torch.rand(2, 3), torch.rand(3, 2)]
+    before = [e.clone() for e in emas]
+    seen = []
+
+    def another_process_saw_a_nan(flag):
+        seen.append(bool(flag))
+        return False
+
+    assert sparsity.update_importance_emas(emas, weights, grads, 0.85, agree=another_process_saw_a_nan) is None
+    assert seen == [True] and all(torch.equal(e, b) for e, b in zip(emas, before))  # locally finite, not touched
+    updated = sparsity.update_importance_emas(emas, weights, grads, 0.85, agree=lambda flag: flag)
+    assert updated is not None and not torch.equal(updated[0], before[0])

