@@ -183,6 +183,10 @@ class RoseLoraLayer(LoraLayer):
         :meth:`get_delta_weight`, except where that is not defined (grouped convolutions)."""
         return self.get_delta_weight(adapter_name)
 
+    # the dimension of lora_A and of lora_B along which one rank-one term's entries lie, when term_rows is (A, B.T):
+    # a row of A (-1), a column of B (-2). Layers laying terms out otherwise set None (their own term_rows is used).
+    term_dims: Optional[tuple[int, int]] = (-1, -2)
+
     def term_rows(self, tensor_a: torch.Tensor, tensor_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tensors shaped like ``[lora_A, lora_B]`` (weights, gradients, importance or masks) as two row-major
         matrices, one row per rank-one term: ``(terms, n_a)``, the row of ``lora_A`` the term uses, and
@@ -465,6 +469,8 @@ class _ConvNd(_MaskedBeforeUseLayer):
         delta = sparsity.blockwise_outer_sum(rows_a, rows_b, self._groups()) * self.scaling[adapter_name]
         return delta.reshape(weight_b.shape[0], *weight_a.shape[1:])
 
+    term_dims = None  # terms laid out otherwise: see term_rows
+
     def term_rows(self, tensor_a: torch.Tensor, tensor_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         groups = self._groups()
         out_channels, ranks_per_group = tensor_b.shape[0], tensor_b.shape[1]
@@ -542,6 +548,8 @@ class ParamWrapper(_MaskedBeforeUseLayer, LoraParamWrapper):
         for store in (getattr(self, "lora_mask_A", {}), getattr(self, "lora_mask_B", {})):
             if adapter_name in store and store[adapter_name].dtype != torch.bool:
                 store[adapter_name] = store[adapter_name].bool()
+
+    term_dims = None  # terms laid out otherwise: see term_rows
 
     def term_rows(self, tensor_a: torch.Tensor, tensor_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         experts = self.num_experts

@@ -371,8 +371,28 @@ class RoseLoraModel(LoraModel):
         importance = sharding.gather_full(
             schedule.importance_of([module for module, _ in layers]), parameters, self.communication_stats
         )
+        plain = [index for index, (_, layer) in enumerate(layers) if layer.term_dims is not None]
+        if plain:  # a constant number of ops per group of same-shaped factors, whatever the number of modules
+            factors, keeps, dims, current = [], [], [], []
+            for index in plain:
+                layer = layers[index][1]
+                for offset, (dim, mask) in enumerate(
+                    zip(layer.term_dims, (layer.lora_mask_A[name], layer.lora_mask_B[name]))
+                ):
+                    factors.append(importance[2 * index + offset])
+                    keeps.append(sparsity.kept_count(keep_ratio, mask.shape[dim]))
+                    dims.append(dim)
+                    current.append(mask)
+            chosen = sparsity.grouped_topk_masks(
+                factors, keeps, dims, current if schedule.persistent else None, schedule.scores_of
+            )
+            torch._foreach_copy_(current, chosen)
+            for index in plain:
+                layers[index][1].rose_masks_keep_all[name] = False
+        others = [index for index, (_, layer) in enumerate(layers) if layer.term_dims is None]
         scores, keeps = [], []
-        for index, (_, layer) in enumerate(layers):
+        for index in others:
+            layer = layers[index][1]
             for score in schedule.selection_scores(
                 *layer.term_rows(importance[2 * index], importance[2 * index + 1]),
                 *layer.term_rows(layer.lora_mask_A[name], layer.lora_mask_B[name]),
@@ -380,8 +400,8 @@ class RoseLoraModel(LoraModel):
                 scores.append(score)
                 keeps.append(sparsity.kept_count(keep_ratio, score.shape[1]))
         masks = sparsity.row_topk_masks(scores, keeps)
-        for index, (_, layer) in enumerate(layers):
-            layer.set_masks(name, masks[2 * index], masks[2 * index + 1])
+        for position, index in enumerate(others):
+            layers[index][1].set_masks(name, masks[2 * position], masks[2 * position + 1])
 
     def update_and_allocate(self, global_step: int) -> dict[str, float]:
         """AdaLoRA-style single call, after ``optimizer.step()`` and before ``optimizer.zero_grad()``.

@@ -326,6 +326,11 @@ class AdapterSchedule:
             selection_scores(importance_b, mask_b, self.persistent),
         )
 
+    def scores_of(self, importance: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """:func:`selection_scores` of (possibly stacked) importances and masks laid out alike; ``mask`` may be None
+        outside persistent mode, where it is not read."""
+        return selection_scores(importance, mask, self.persistent) if self.persistent else importance
+
     def _check_not_pending(self, call: str) -> None:
         if self.importance_pending:
             raise RuntimeError(

@@ -182,21 +182,51 @@ def row_topk_masks(scores: list[torch.Tensor], keeps: list[int]) -> list[torch.T
     Returns:
         list[Tensor]: bool masks of the shapes of ``scores``, exactly ``min(keep, n)`` True entries per row.
     """
-    masks: list[torch.Tensor | None] = [None] * len(scores)
+    return grouped_topk_masks(scores, keeps, [-1] * len(scores))
+
+
+def grouped_topk_masks(
+    importances: list[torch.Tensor],
+    keeps: list[int],
+    dims: list[int],
+    masks: Optional[list[torch.Tensor]] = None,
+    scores_of: Optional[Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = None,
+) -> list[torch.Tensor]:
+    """Boolean masks keeping, along dimension ``dims[i]`` of each tensor, its ``keeps[i]`` highest scores, with a
+    constant number of ops per group of tensors: tensors of the same shape, device, ``keep`` and ``dim`` are stacked
+    once (and their current ``masks`` once), scored once (``scores_of(stacked importances, stacked masks or
+    None)``, default the importances themselves), and share one ``topk``, one ``scatter_`` and one ``unbind``. With
+    ``dim=-1`` the rows keep ``keep`` entries each (the rows of ``lora_A``), with ``dim=-2`` the columns (the
+    columns of ``lora_B``). Ties are broken by ``torch.topk``.
+
+    Args:
+        importances (list[Tensor]): 2-D scores (or importances ``scores_of`` turns into scores).
+        keeps (list[int]): entries kept per row / column, ``>= 1``; ``keep >=`` the size keeps everything.
+        dims (list[int]): ``-1`` or ``-2`` per tensor.
+        masks (list[Tensor] | None): the current bool masks, stacked for ``scores_of`` (persistent mode).
+        scores_of (callable | None): stacked importances and masks -> stacked scores.
+
+    Returns:
+        list[Tensor]: bool masks of the shapes of ``importances`` (views of one stacked tensor per group).
+    """
+    result: list[torch.Tensor | None] = [None] * len(importances)
     groups: dict[tuple, list[int]] = {}
-    for i, (score, keep) in enumerate(zip(scores, keeps)):
-        groups.setdefault((tuple(score.shape), score.device, keep), []).append(i)
-    for (shape, device, keep), indices in groups.items():
-        if keep >= shape[-1]:
-            for i in indices:
-                masks[i] = torch.ones(shape, dtype=torch.bool, device=device)
+    for i, (importance, keep, dim) in enumerate(zip(importances, keeps, dims)):
+        groups.setdefault((tuple(importance.shape), importance.device, keep, dim), []).append(i)
+    for (shape, device, keep, dim), indices in groups.items():
+        if keep >= shape[dim]:
+            every = torch.ones((len(indices), *shape), dtype=torch.bool, device=device).unbind(0)
+            for i, mask in zip(indices, every):
+                result[i] = mask
             continue
-        stacked = torch.stack([scores[i] for i in indices])
-        top = stacked.topk(keep, dim=-1, sorted=False).indices
-        stacked_masks = torch.zeros(stacked.shape, dtype=torch.bool, device=device).scatter_(-1, top, True)
-        for j, i in enumerate(indices):
-            masks[i] = stacked_masks[j]
-    return masks
+        stacked = torch.stack([importances[i] for i in indices])
+        if scores_of is not None:
+            stacked = scores_of(stacked, torch.stack([masks[i] for i in indices]) if masks is not None else None)
+        top = stacked.topk(keep, dim=dim, sorted=False).indices
+        chosen = torch.zeros(stacked.shape, dtype=torch.bool, device=device).scatter_(dim, top, True)
+        for i, mask in zip(indices, chosen.unbind(0)):
+            result[i] = mask
+    return result
 
 
 @torch.no_grad()

@@ -244,3 +244,21 @@ def test_forward_applies_the_masks_to_factors_modified_after_the_last_prune():
         actual = model(input_ids=ids).logits
     assert torch.allclose(actual, expected, atol=1e-6)
     assert not weight[~layer.lora_mask_A["default"]].any()  # zeroed in place before use
+
+
+def test_the_schedule_step_dispatches_a_constant_number_of_ops_whatever_the_depth():
+    """benchmarks/dispatch_count.py's count, at 1 and 3 layers (7 and 21 adapted modules): RoseLoRA's ops beyond
+    LoRA's do not grow with the modules, in every mode and phase, and stay within 64."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dispatch_count.py"
+    spec = importlib.util.spec_from_file_location("dispatch_count", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lora = {layers: module.count_step_ops(layers, "lora")["ops"] for layers in (1, 3)}
+    for mode, step in (("reselect", 4), ("reselect", 8), ("persistent", 4), ("persistent", 8)):
+        extra = {
+            layers: module.count_step_ops(layers, "roselora", mode, step)["ops"] - lora[layers] for layers in (1, 3)
+        }
+        assert extra[1] == extra[3] <= 64, (mode, step, extra)
