@@ -98,6 +98,11 @@ class RoseLoraVariant(LoraVariant):
     def forward(
         module: RoseLoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # no Python state read or written: nothing for Dynamo to guard on
+            weight_a, weight_b = module.masked_factors_for_graph(active_adapter)
+            x = module.lora_dropout[active_adapter](x.to(weight_a.dtype))
+            output = F.linear(F.linear(x, weight_a), weight_b, module.lora_B[active_adapter].bias)
+            return result + (output * module.scaling[active_adapter]).to(result.dtype)
         if module.training and active_adapter not in module.rose_masked_versions and torch.is_grad_enabled():
             module.count_unscheduled_forward()
         module.ensure_masked(active_adapter)
@@ -232,6 +237,19 @@ class RoseLoraLayer(LoraLayer):
         if zero.is_zero_parameter(weight):
             return "zero3" if zero.is_zero_stage3(weight) else "zero"
         return "whole"
+
+    def masked_factors_for_graph(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors as the forward uses them, without in-place masking (for ``torch.compile``): ``W + (W * mask
+        - W).detach()`` for ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)``. Its value is ``W * mask`` exactly
+        (``w + (w - w) = w`` and ``w + (0 - w) = 0`` in floating point), equal to the eager forward's in-place
+        masked factors, and its gradient is the eager one (that of the factor itself), so compiled and eager
+        training match."""
+        weight_a, weight_b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        mask_a, mask_b = self.lora_mask_A[adapter_name], self.lora_mask_B[adapter_name]
+        return (
+            weight_a + (weight_a * mask_a - weight_a).detach(),
+            weight_b + (weight_b * mask_b - weight_b).detach(),
+        )
 
     def count_unscheduled_forward(self) -> None:
         """Count a training forward pass of an adapter whose importance was never updated; warn at the 20th."""
