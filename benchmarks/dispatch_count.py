@@ -4,8 +4,8 @@
 
 A ``TorchDispatchMode`` records every aten op dispatched inside ``optimizer.step()`` (RoseLoRA's importance update
 and prune run in the optimizer's hooks, so they are inside it), a ``foreach`` op counting once, as a GPU launches it;
-``aten._local_scalar_dense`` (``.item()``, ``bool(tensor)``) counts the host synchronisations (on CPU AdamW's
-own step reads its step counters, two per parameter: the table gives RoseLoRA's syncs beyond LoRA's). Model: a Llama with
+``aten._local_scalar_dense`` (``.item()``, ``bool(tensor)``) counts the host synchronisations (on CPU AdamW's own
+step reads its step counters, two per parameter: the table gives RoseLoRA's syncs beyond LoRA's). Model: a Llama with
 all 7 projections of every layer adapted (hidden 64, so the counts, not the times, matter), AdamW. Phases: during
 the decay (masks recomputed every step) and after t_f, in ``reselect`` and ``persistent`` mode. Printed: the extra
 ops over LoRA's step per phase and layer count, their growth from the smallest to the largest depth, and syncs.

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -205,3 +206,24 @@ def test_editing_benchmark_loads_the_hub_zsre_file_through_datasets(monkeypatch)
         editing_run.load_records(None, limit=None)
     with pytest.raises(FileNotFoundError, match="--data /nonexistent.json: no such file"):
         editing_run.load_records("/nonexistent.json", limit=None)
+
+
+@pytest.mark.slow
+def test_gpu_check_kit_runs_on_cpu_quick(tmp_path):
+    """benchmarks/gpu/check.py --device cpu --quick (CI's run of the GPU kit): every check reported, the CUDA-only
+    ones with the reason they did not run."""
+    command = [sys.executable, str(BENCHMARKS / "gpu" / "check.py"), "--device", "cpu", "--quick"]
+    result = subprocess.run(command + ["--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "check.json").read_text())
+    [timing] = report["step_time"].values()
+    assert set(timing["ratio_to_lora"]) == {"lora", "roselora", "adalora"} and timing["ratio_to_lora"]["lora"] == 1
+    assert report["compile"]["ok"] and report["qlora"]["ok"] and report["qlora"]["keep_ratio"] == 0.25
+    assert (
+        report["cuda_kernels"] == {"skipped": "needs CUDA"} and "needs CUDA" in report["fp16_grad_scaler"]["skipped"]
+    )
+    assert all(rows["growth"] == 0 for rows in report["dispatch"]["phases"].values())
+    assert "| step time, tiny Llama" in (tmp_path / "check.md").read_text()
+    refused = subprocess.run(command[:2] + ["--output-dir", str(tmp_path)], capture_output=True, text=True)
+    if not torch.cuda.is_available():
+        assert refused.returncode == 2 and "no CUDA device" in refused.stderr
