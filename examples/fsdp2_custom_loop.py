@@ -140,6 +140,20 @@ def load_checkpoint(model, optimizer, folder: Path, full: bool) -> int:
     return int(state["step"])
 
 
+def write_trace(tuner, folder: Path, step: int) -> None:
+    """The masks and masked factors after ``step`` (gathered: collective), and in one process the importance EMAs
+    (``importance_A.<module>``, ``importance_B.<module>``) that selected the masks."""
+    state = tuner.masked_adapter_state()
+    if dist.get_world_size() == 1:
+        schedule = tuner.adapter_schedule()
+        for factor, store in (("A", schedule.importance_A), ("B", schedule.importance_B)):
+            for name, ema in store.items():
+                state[f"importance_{factor}.{name}"] = ema.detach().cpu().contiguous()
+    if dist.get_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(state, folder / f"step{step}.safetensors")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True)
@@ -154,6 +168,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--qlora", action="store_true", help="a bitsandbytes 4-bit base (FSDP2 + QLoRA)")
     parser.add_argument("--deepspeed", type=int, choices=[1, 2, 3], default=None, help="a ZeRO engine, not FSDP2")
+    parser.add_argument(
+        "--trace",
+        default=None,
+        help="write the gathered masks and factors (and, in one process, the importance EMAs) after every step to "
+        "<trace>/step<t>.safetensors",
+    )
     args = parser.parse_args()
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -202,11 +222,13 @@ def main() -> None:
         if engine is not None:
             engine.backward(engine(input_ids=ids, labels=ids).loss)
             engine.step()  # the schedule runs around the ZeRO optimizer's step
-            continue
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()  # hooks: update_importance() before, prune_step() after
-        optimizer.zero_grad(set_to_none=True)
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()  # hooks: update_importance() before, prune_step() after
+            optimizer.zero_grad(set_to_none=True)
+        if args.trace:
+            write_trace(model.base_model, Path(args.trace), step + 1)
     if args.stop_at is not None and engine is not None:
         engine.save_checkpoint(str(checkpoint), tag="latest-roselora", client_state={"step": last})
     elif args.stop_at is not None:

@@ -6,7 +6,13 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from conftest import EXAMPLES, assert_every_rank_has_the_same_masks, assert_same_masked_adapter, run_example
+from conftest import (
+    EXAMPLES,
+    assert_every_rank_has_the_same_masks,
+    assert_same_masked_adapter,
+    assert_same_trajectory_up_to_near_ties,
+    run_example,
+)
 
 
 # a test dependency (the dev extra): the suite fails without it rather than skipping. Not imported here: importing
@@ -22,7 +28,7 @@ TRAINER = EXAMPLES / "trainer_sharded.py"
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepspeed_reference")
-    run_example(CUSTOM_LOOP, 1, root / "loop")
+    run_example(CUSTOM_LOOP, 1, root / "loop", "--trace", str(root / "loop" / "trace"))
     # accelerate treats a DeepSpeed run on CPU as one process and does not shard the data: every process gets the
     # same 3 rows per step (DeepSpeed still partitions across both), so the Trainer reference is one process, 3 rows
     run_example(TRAINER, 1, root / "trainer", "--global-batch", "3")
@@ -32,20 +38,29 @@ def one_process(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_engine_in_a_custom_loop_equals_one_process(tmp_path, one_process, stage):
-    result = run_example(CUSTOM_LOOP, 2, tmp_path, "--deepspeed", str(stage))
+    result = run_example(CUSTOM_LOOP, 2, tmp_path, "--deepspeed", str(stage), "--trace", str(tmp_path / "trace"))
     assert result["world_size"] == 2 and result["schedule_step"] == 14
-    assert_same_masked_adapter(tmp_path, one_process / "loop")
+    # step by step equal to one process; a near-tie that the other reduction order decides the other way ends the
+    # comparison there (ZeRO-3 computes in another order: it happens on some machines), else the final adapters
+    if assert_same_trajectory_up_to_near_ties(tmp_path / "trace", one_process / "loop" / "trace", 14) is None:
+        assert_same_masked_adapter(tmp_path, one_process / "loop")
     assert_every_rank_has_the_same_masks(tmp_path, 2)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_checkpoint_resumes_mid_schedule(tmp_path, one_process, stage):
-    stopped = run_example(CUSTOM_LOOP, 2, tmp_path, "--deepspeed", str(stage), "--stop-at", "7")
+    full = run_example(CUSTOM_LOOP, 2, tmp_path / "full", "--deepspeed", str(stage))
+    assert full["schedule_step"] == 14
+    trace = ("--trace", str(tmp_path / "trace"))
+    stopped = run_example(CUSTOM_LOOP, 2, tmp_path / "resumed", "--deepspeed", str(stage), "--stop-at", "7", *trace)
     assert stopped["schedule_step"] == 7 and 0.3 < stopped["keep_ratio"] < 1.0
-    resumed = run_example(CUSTOM_LOOP, 2, tmp_path, "--deepspeed", str(stage), "--resume")
+    resumed = run_example(CUSTOM_LOOP, 2, tmp_path / "resumed", "--deepspeed", str(stage), "--resume", *trace)
     assert resumed["schedule_step"] == 14
-    assert_same_masked_adapter(tmp_path, one_process / "loop")
+    # the resumed run ends where the uninterrupted one (same processes, same reduction order) does
+    assert_same_masked_adapter(tmp_path / "resumed", tmp_path / "full", atol=1e-6)
+    if assert_same_trajectory_up_to_near_ties(tmp_path / "trace", one_process / "loop" / "trace", 14) is None:
+        assert_same_masked_adapter(tmp_path / "resumed", one_process / "loop")
 
 
 @pytest.mark.slow
