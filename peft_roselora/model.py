@@ -267,20 +267,29 @@ class RoseLoraModel(LoraModel):
                 parameters += layer.factor_parameters(name)
             with torch.no_grad():
                 schedule.check_new_gradients(grads[0])
+                needed = schedule.importance_needed()
+                repair, gradients_finite = None, False
                 if should_mask_gradients(
                     schedule.persistent, [layer.rose_masks_keep_all[name] for _, layer in layers]
                 ):
-                    # pruned entries get no gradient: the optimizer sees grad * mask, exactly zero where pruned
+                    # pruned entries get no gradient: the optimizer sees grad * mask, exactly zero where pruned (a
+                    # NaN / inf there too: the importance check below notices it and calls repair, so masking the
+                    # gradients adds no synchronisation; without an importance this step, the masking checks)
                     masks = [mask for _, layer in layers for mask in layer.factors_and_masks(name)[1]]
-                    sparsity.apply_masks_(grads, masks)
-                    for index, (_, layer) in enumerate(layers):
-                        layer.commit_gradients(name, grads[2 * index : 2 * index + 2])
+                    gradients_finite = sparsity.apply_masks_(grads, masks, check=not needed) == 0
+
+                    def repair(grads=grads, masks=masks, layers=layers, name=name) -> bool:
+                        sparsity.apply_masks_(grads, masks)
+                        self._commit_gradients(name, layers, grads)
+                        return True
+
+                    self._commit_gradients(name, layers, grads)
                 schedule.remember_gradient(grads[0])
-                if not schedule.importance_needed():
-                    schedule.mark_importance_not_needed()
+                if not needed:
+                    schedule.mark_importance_not_needed(gradients_finite)
                     continue
                 finite = schedule.record_importance(
-                    [module for module, _ in layers], weights, grads, self._agreement(parameters)
+                    [module for module, _ in layers], weights, grads, self._agreement(parameters), repair
                 )
             if not finite:
                 warnings.warn(
@@ -317,7 +326,8 @@ class RoseLoraModel(LoraModel):
                 layer_weights, layer_masks = layer.factors_and_masks(name)
                 weights += layer_weights
                 masks += layer_masks
-            if sparsity.apply_masks_(weights, masks, plan.clamp_value):
+            # the check (one synchronisation) only where this step's factors and gradients were not checked finite
+            if sparsity.apply_masks_(weights, masks, plan.clamp_value, check=not plan.inputs_checked_finite):
                 warnings.warn(
                     f"RoseLoRA adapter '{name}': kept factor entries are NaN or inf after optimizer step {plan.step} "
                     "(pruned entries were zeroed); training has diverged.",
@@ -329,6 +339,11 @@ class RoseLoraModel(LoraModel):
                 layer.mark_masked(name)
             ratios[name] = plan.keep_ratio
         return ratios
+
+    @staticmethod
+    def _commit_gradients(name: str, layers: list, grads: list[torch.Tensor]) -> None:
+        for index, (_, layer) in enumerate(layers):
+            layer.commit_gradients(name, grads[2 * index : 2 * index + 2])
 
     def skip_step(self, adapter_names: Optional[Union[str, list[str]]] = None) -> None:
         """The optimizer did not apply this step (a GradScaler overflow): drop its importance, run no prune, keep

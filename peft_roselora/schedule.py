@@ -113,6 +113,9 @@ class StepPlan:
     recompute_masks: bool
     clamp_value: Optional[float]
     importance_was_finite: bool
+    # the step's factors and gradients were checked finite before the optimizer step: a finite step of the optimizer
+    # keeps them finite (barring overflow, which the next step's check names), so the prune need not check again
+    inputs_checked_finite: bool = False
 
 
 # ---- the state owner ------------------------------------------------------------------------------------------------
@@ -140,6 +143,7 @@ class AdapterSchedule:
         self.step = 0
         self.importance_pending = False
         self.pending_nonfinite = False
+        self.pending_checked_finite = False  # transient, like the gradient guard below: not state
         self.last_keep_ratio: Optional[float] = None
         self.skipped_steps = 0
         self.nonfinite_steps = 0
@@ -195,6 +199,7 @@ class AdapterSchedule:
         weights: list[torch.Tensor],
         grads: list[torch.Tensor],
         agree: Optional[Callable[[bool], bool]] = None,
+        repair: Optional[Callable[[], bool]] = None,
     ) -> bool:
         """Fold ``|w * g|`` of this step into the EMAs, unless a gradient or weight is not finite.
 
@@ -204,6 +209,8 @@ class AdapterSchedule:
                 holds under FSDP2 (the EMAs then hold the same rows).
             grads (list[Tensor]): their gradients (the same rows).
             agree (callable | None): combines the finiteness flag over processes (FSDP2), see
+                ``sparsity.update_importance_emas``.
+            repair (callable | None): fixes the gradients when a value is not finite, see
                 ``sparsity.update_importance_emas``.
 
         Returns:
@@ -226,7 +233,7 @@ class AdapterSchedule:
                     store[name] = ema = ema.to(weight.device)
                 previous.append(ema)
         updated = sparsity.update_importance_emas(
-            previous, weights, grads, self.config.importance_beta, agree, dtype=self.importance_dtype
+            previous, weights, grads, self.config.importance_beta, agree, dtype=self.importance_dtype, repair=repair
         )
         finite = updated is not None
         if finite:
@@ -234,14 +241,17 @@ class AdapterSchedule:
                 self.importance_A[name], self.importance_B[name] = updated[2 * index], updated[2 * index + 1]
         self.importance_pending = True
         self.pending_nonfinite = not finite
+        self.pending_checked_finite = finite
         return finite
 
-    def mark_importance_not_needed(self) -> None:
+    def mark_importance_not_needed(self, gradients_finite: bool = False) -> None:
         """The step's importance is deliberately not computed (persistent masks are final): the EMAs are released,
-        since no later step reads them (one fp32 copy of the adapter less for the rest of training)."""
+        since no later step reads them (one fp32 copy of the adapter less for the rest of training).
+        ``gradients_finite``: the (masked) gradients were checked finite, so the prune need not check the factors."""
         self._check_not_pending("update_importance()")
         self.importance_pending = True
         self.pending_nonfinite = False
+        self.pending_checked_finite = gradients_finite
         self.importance_A, self.importance_B = {}, {}
 
     def advance(self) -> StepPlan:
@@ -268,19 +278,19 @@ class AdapterSchedule:
                 "RoseLoRA cannot select masks: no finite importance was accumulated yet (every step so far had "
                 "non-finite gradients)."
             )
-        finite = not self.pending_nonfinite
+        finite, checked = not self.pending_nonfinite, self.pending_checked_finite
         if not finite:
             self.nonfinite_steps += 1
         if recompute:
             self.last_keep_ratio = keep_ratio
-        self.importance_pending = self.pending_nonfinite = False
+        self.importance_pending = self.pending_nonfinite = self.pending_checked_finite = False
         return StepPlan(
-            self.step, keep_ratio, recompute, clamp_bound(self.step, start, self.config.clamp_value), finite
+            self.step, keep_ratio, recompute, clamp_bound(self.step, start, self.config.clamp_value), finite, checked
         )
 
     def skip(self) -> None:
         """The optimizer did not apply this step (GradScaler overflow): forget its importance, count it, keep ``t``."""
-        self.importance_pending = self.pending_nonfinite = False
+        self.importance_pending = self.pending_nonfinite = self.pending_checked_finite = False
         self.skipped_steps += 1
 
     def check_step(self, step: int) -> None:

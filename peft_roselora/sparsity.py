@@ -94,12 +94,13 @@ def update_importance_emas(
     beta: float,
     agree: Optional[Callable[[bool], bool]] = None,
     dtype: torch.dtype = torch.float32,
+    repair: Optional[Callable[[], bool]] = None,
 ) -> list[torch.Tensor] | None:
     """Smoothed sensitivity ``I_bar <- beta * I_bar + (1 - beta) * |w * g|`` for many factors at once
     (``docs/method.md``, "Importance"), unless some ``|w * g|`` is not finite.
 
     Uses ``torch._foreach_*`` kernels per device, so the cost is a handful of calls whatever the number of factors,
-    plus one finiteness check (one device synchronisation).
+    plus one finiteness check (one device synchronisation, the only one of a training step).
 
     Args:
         importances (list[Tensor | None]): fp32 EMAs, updated in place; ``None`` for a factor's first update, which
@@ -111,20 +112,31 @@ def update_importance_emas(
             only some rows (FSDP2), so that all take the same decision; None for one process.
         dtype (torch.dtype): storage dtype of the EMAs, ``float32`` or ``bfloat16``. With ``bfloat16`` the update
             is computed in fp32 from the stored values and rounded once.
+        repair (callable | None): called once when some ``|w * g|`` is not finite; when it returns True it changed
+            the gradients (persistent mode zeroing the NaN / inf gradients of pruned entries, which a multiply by the
+            mask leaves NaN) and the sensitivities are computed and checked again. The check of the masked gradients
+            thus costs no synchronisation of its own.
 
     Returns:
         list[Tensor] | None: the updated EMAs in ``dtype`` (the given tensors where they existed), in input order;
         ``None`` when a gradient or weight holds NaN or inf, in which case no EMA was touched.
     """
     groups = list(_group_by_device(weights).values())
-    sensitivities = []
-    for indices in groups:
-        sensitivity = torch._foreach_mul([weights[i].float() for i in indices], [grads[i].float() for i in indices])
-        torch._foreach_abs_(sensitivity)
-        sensitivities.append(sensitivity)
-    finite = all_finite([tensor for group in sensitivities for tensor in group])
-    if agree is not None:
-        finite = agree(finite)
+
+    def sensitivities_and_finite() -> tuple[list[list[torch.Tensor]], bool]:
+        sensitivities = []
+        for indices in groups:
+            sensitivity = torch._foreach_mul(
+                [weights[i].float() for i in indices], [grads[i].float() for i in indices]
+            )
+            torch._foreach_abs_(sensitivity)
+            sensitivities.append(sensitivity)
+        finite = all_finite([tensor for group in sensitivities for tensor in group])
+        return sensitivities, agree(finite) if agree is not None else finite
+
+    sensitivities, finite = sensitivities_and_finite()
+    if not finite and repair is not None and repair():
+        sensitivities, finite = sensitivities_and_finite()
     if not finite:
         return None
     result: list[torch.Tensor | None] = list(importances)
@@ -230,7 +242,9 @@ def grouped_topk_masks(
 
 
 @torch.no_grad()
-def apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor], clamp_value: float | None = None) -> int:
+def apply_masks_(
+    weights: list[torch.Tensor], masks: list[torch.Tensor], clamp_value: float | None = None, check: bool = True
+) -> int:
     """Zero, in place, every entry of ``weights`` whose mask is False, then clamp to ``[-clamp_value, clamp_value]``.
 
     Pruned entries become exactly zero even when they held NaN or inf (one ``foreach`` multiply per device, and, only
@@ -241,9 +255,12 @@ def apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor], clamp_v
         weights (list[Tensor]): tensors modified in place.
         masks (list[Tensor]): bool masks of the same shapes.
         clamp_value (float | None): clamp bound, or None for no clamp.
+        check (bool): run the finiteness check (one device synchronisation). ``False`` when the caller knows the
+            tensors finite or checks them later (a NaN / inf entry then stays NaN where pruned: ``NaN * 0``).
 
     Returns:
-        int: the number of tensors that still hold a non-finite value in a kept entry (0 when all is well).
+        int: the number of tensors that still hold a non-finite value in a kept entry (0 when all is well, and
+        always 0 with ``check=False``).
     """
     for indices in _group_by_device(weights).values():
         group = [weights[i] for i in indices]
@@ -251,7 +268,7 @@ def apply_masks_(weights: list[torch.Tensor], masks: list[torch.Tensor], clamp_v
         if clamp_value is not None:
             torch._foreach_clamp_min_(group, -clamp_value)
             torch._foreach_clamp_max_(group, clamp_value)
-    if all_finite(weights):
+    if not check or all_finite(weights):
         return 0
     nonfinite_kept = 0
     for weight, mask in zip(weights, masks):  # rare fault path: per tensor, never per row or entry

@@ -114,6 +114,28 @@ def test_persistent_mode_zeroes_non_finite_gradients_of_pruned_entries():
     assert model.base_model.adapter_schedule().nonfinite_steps == 0  # nothing non-finite reached the importance
 
 
+def test_after_t_f_in_persistent_mode_a_nan_kept_gradient_is_named_at_the_prune():
+    # no importance is computed there: the check of the masked gradients is the step's one sync, and a kept NaN
+    # makes the prune check the factors the optimizer wrote (pruned ones exactly zero, the divergence named)
+    model = _model(prune_mode="persistent")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    peft_roselora.register_optimizer_hooks(model, optimizer)
+    train_steps(model, optimizer, 10)  # t_f = 8
+    model.train()
+    ids = random_batch(99)
+    model(input_ids=ids, labels=ids).loss.backward()
+    for _, layer in _layers(model):
+        mask = layer.lora_mask_A["default"]
+        grad = layer.lora_A["default"].weight.grad
+        grad[~mask] = math.nan
+        grad[tuple(mask.nonzero()[0].tolist())] = math.nan  # one kept entry
+    with pytest.warns(RuntimeWarning, match="kept factor entries are NaN or inf after optimizer step 11"):
+        optimizer.step()
+    for _, layer in _layers(model):
+        weight, mask = layer.lora_A["default"].weight, layer.lora_mask_A["default"]
+        assert (weight[~mask] == 0).all() and weight[mask].isnan().sum() == 1
+
+
 def _dataset():
     return token_dataset(rows=96)
 
