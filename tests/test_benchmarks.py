@@ -119,6 +119,21 @@ def test_editing_benchmark_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_edit_cost_benchmark_quick(tmp_path):
+    """benchmarks/editing/edit_cost.py --quick: single and many-edit sequential edits timed in one process."""
+    output = tmp_path / "cost.json"
+    command = [sys.executable, str(BENCHMARKS / "editing" / "edit_cost.py"), "--quick", "--data", str(ZSRE)]
+    command += ["--cache-dir", str(tmp_path / "cache"), "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=BENCHMARKS / "editing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert len(report["single_seconds"]) == len(report["sequential_seconds"]) == 2
+    assert all(seconds > 0 for seconds in report["single_seconds"] + report["sequential_seconds"])
+    assert report["ratio"] == pytest.approx(report["sequential_median_s"] / report["single_median_s"])
+    assert "ratio" in result.stdout
+
+
+@pytest.mark.slow
 def test_editing_protocol_quick_search_batch_sequential_and_resume(tmp_path):
     """CI's quick version of each mode: the dev search, batch editing and sequential editing (resumed)."""
 

@@ -3,6 +3,7 @@ a real edit that flips a tiny model's prediction, baselines, bad records."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -186,6 +187,29 @@ def test_roselora_edit_flips_the_prediction_and_restores_the_model(tiny_lm):
     assert 0 < result.changed_weights and result.changed_fraction_of_adapted <= 8 * (4 / 64) ** 2 + 1e-9
     with torch.no_grad():  # the editor restored the unedited model
         assert torch.equal(editor.model(input_ids=ids).logits, before_logits)
+
+
+def test_adapter_layers_put_the_edit_on_those_layers_only(tiny_lm):
+    model, tokenizer = tiny_lm
+    hparams = EditHyperParams(method="roselora", lr=2e-2, target_modules=("down_proj",), adapter_layers=(1,))
+    editor = Editor(copy.deepcopy(model), tokenizer, hparams)
+    edited, [result] = editor.apply([REQUEST])
+    assert result.changed_weights > 0
+    for index, layer in enumerate(edited.model.layers):  # merged: only layer 1's down_proj differs
+        for name, parameter in layer.named_parameters():
+            changed = not torch.equal(parameter, dict(model.model.layers[index].named_parameters())[name])
+            assert changed == (index == 1 and name == "mlp.down_proj.weight"), (index, name)
+    with pytest.raises(ValueError, match="`adapter_layers` must be layer indices >= 0, got \\(-1,\\)"):
+        EditHyperParams(adapter_layers=(-1,))
+
+
+def test_the_defaults_and_the_authors_recipe():
+    defaults, recipe = EditHyperParams(), EditHyperParams.authors_recipe()
+    assert (defaults.target_modules, defaults.lr, defaults.clamp_value) == (("down_proj",), 1e-3, None)
+    assert (recipe.target_modules, recipe.lr, recipe.clamp_value) == (("q_proj", "v_proj"), 5e-4, 3e-3)
+    assert (recipe.r, recipe.lora_alpha, recipe.keep_ratio, recipe.steps) == (8, 32, 0.05, 25)
+    assert (recipe.prune_start_step, recipe.prune_end_step, recipe.early_stop_loss) == (3, 20, 0.1)
+    assert EditHyperParams.authors_recipe(lr=1e-2).lr == 1e-2
 
 
 def _next_tokens(model, tokenizer, prompt: str, answer: str) -> list[int]:

@@ -495,9 +495,12 @@ def test_locate_then_edit_leaves_the_models_trainable_flags_alone(tiny_lm):
 # ---- the structure: a state saved before the editing wing was split, the mode rules shared by API and CLI ---------
 
 
-def test_a_sequence_saved_by_release_0_2_resumes_exactly(tiny_lm):
+def test_a_sequence_saved_by_release_0_2_loads_and_resumes_deterministically(tiny_lm):
     """tests/fixtures/editing_state_0.2.safetensors: ``Editor.state_dict()`` of the 0.2 editor (before its split into
-    backends) after the first edit of this sequence, shared RoseLoRA adapter with one Adam (the richest state)."""
+    backends) after the first edit of this sequence, shared RoseLoRA adapter with one Adam (the richest state). The
+    state loads whole (every tensor back as saved) and the rest of the sequence runs from it the same way every
+    time. (0.2's many-edit mode ran three forward passes per step, this version one: the 0.2 run itself is not
+    reproduced bit for bit; exact resume within a version is tested above.)"""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -505,16 +508,19 @@ def test_a_sequence_saved_by_release_0_2_resumes_exactly(tiny_lm):
     model, tokenizer = tiny_lm
     requests = [REQUEST, SECOND, copy.deepcopy(REQUEST)]
     hparams = _sequence_hparams("roselora+shared+adam")
-    whole = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS[1:2])
-    expected = whole.edit_sequence(requests, seed=3)[-1]
     saved = load_file(Path(__file__).parent / "fixtures" / "editing_state_0.2.safetensors")
-    assert set(saved) == set(whole.state_dict())  # the same keys
-    resumed = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS[1:2])
-    assert resumed.load_state_dict(saved, requests) == 1
-    final = resumed.edit_sequence(requests, seed=3)[-1]
-    for name, parameter in whole.model.named_parameters():
-        assert torch.equal(parameter, dict(resumed.model.named_parameters())[name]), name
-    assert final.to_dict() | {"seconds": 0} == expected.to_dict() | {"seconds": 0}
+    results, models = [], []
+    for _ in range(2):
+        resumed = Editor(copy.deepcopy(model), tokenizer, hparams, stats_texts=TEXTS[1:2])
+        assert resumed.load_state_dict(saved, requests) == 1  # twice from the same tensors: not aliased
+        state = resumed.state_dict()
+        assert set(state) == set(saved) and all(torch.equal(state[key], saved[key]) for key in saved)
+        results.append(resumed.edit_sequence(requests, seed=3)[-1])
+        models.append(resumed.model)
+    for name, parameter in models[0].named_parameters():
+        assert torch.equal(parameter, dict(models[1].named_parameters())[name]), name
+    assert results[0].to_dict() | {"seconds": 0} == results[1].to_dict() | {"seconds": 0}
+    assert results[0].edits == 3 and results[0].retention is not None
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from run import HERE, add_model_arguments, prepare, stats_texts
+from run import HERE, add_model_arguments, prepare, text_sample
 from search import chosen_configs, hyper_parameters
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     test = setup.test if args.side == "test" else setup.dev
     largest = max(len(test) if size == "all" else min(size, len(test)) for size in args.sizes)
     # the text sample never holds an edited record's text: on the dev side, the dev records after the edited ones
-    texts = setup.texts if args.side == "test" else stats_texts(setup.dev[max(largest, args.small_pool) :])
+    texts = setup.texts if args.side == "test" else text_sample(setup, setup.dev[max(largest, args.small_pool) :])
     if not texts:
         print(
             "batch.py: --side dev needs sizes below the number of dev records (the rest is the text sample)",

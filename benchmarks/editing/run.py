@@ -204,6 +204,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--base-lr", type=float, default=3e-3)
     parser.add_argument("--cache-dir", default=str(HERE / ".cache"))
+    parser.add_argument(
+        "--text-sample",
+        choices=["records", "glue"],
+        default="records",
+        help="the text sample (MEMIT / AlphaEdit key statistics, the preservation loss): 'records', the dev records' "
+        "training text (the trained benchmark model's own text); 'glue', the first --glue-sentences SST-2 training "
+        "sentences (general text for a pretrained model; no zsRE record in it)",
+    )
+    parser.add_argument("--glue-data", default=None, help="glue_data folder for --text-sample glue (default: the Hub)")
+    parser.add_argument("--glue-sentences", type=int, default=1000)
 
 
 def prepare(args):
@@ -215,9 +225,33 @@ def prepare(args):
     test = select_split(loaded.requests, "test", args.dev_fraction)
     model_path = Path(resolve_model(args.model)) if args.model else train_base_model(loaded.requests, args)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    glue = glue_sentences(args.glue_data, args.glue_sentences) if args.text_sample == "glue" else None
     return argparse.Namespace(
-        loaded=loaded, dev=dev, test=test, model_path=model_path, tokenizer=tokenizer, texts=stats_texts(dev)
+        loaded=loaded,
+        dev=dev,
+        test=test,
+        model_path=model_path,
+        tokenizer=tokenizer,
+        texts=glue if glue is not None else stats_texts(dev),
+        glue_texts=glue,
     )
+
+
+def glue_sentences(data_dir: str | None, count: int) -> list[str]:
+    """The first ``count`` SST-2 training sentences (``benchmarks/glue/tasks.py``: ``data_dir`` or the Hub)."""
+    sys.path.insert(0, str(HERE.parent / "glue"))
+    from tasks import TASKS, load_split
+
+    examples = load_split(TASKS["SST-2"], "train", Path(data_dir) if data_dir else None)
+    return [example["text_a"].strip() for example in examples[:count]]
+
+
+def text_sample(setup, unused_dev_records) -> list[str]:
+    """The text sample of a run on dev records: the GLUE sample when chosen, else the training text of the dev
+    records the run does not edit (never an edited record's text); falls back to ``setup.texts``."""
+    if setup.glue_texts is not None:
+        return setup.glue_texts
+    return stats_texts(unused_dev_records) or setup.texts
 
 
 def main(argv=None) -> int:
@@ -225,9 +259,9 @@ def main(argv=None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--quick", action="store_true", help="12 records, smaller base model (CI)")
-    parser.add_argument("--lr", type=float, default=None, help="edit learning rate (default: the recipe's 5e-4)")
+    parser.add_argument("--lr", type=float, default=None, help="edit learning rate (default: EditHyperParams')")
     parser.add_argument(
-        "--clamp", type=float, default=None, help="RoseLoRA clamp value; 0 turns it off (default: the recipe's 3e-3)"
+        "--clamp", type=float, default=None, help="RoseLoRA clamp value; 0 turns it off (default: none)"
     )
     parser.add_argument("--ft-norm", type=float, default=None, help="FT-L L-infinity bound (default 5e-4)")
     parser.add_argument(

@@ -28,11 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-from run import HERE, add_model_arguments, prepare, stats_texts
+from run import HERE, add_model_arguments, prepare, text_sample
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from peft_roselora.editing import METHODS, EditHyperParams, Editor
+from peft_roselora.editing.locate import default_edit_layers
 
 
 ATTENTION, ATTENTION_MLP = ("q_proj", "v_proj"), ("q_proj", "v_proj", "up_proj", "down_proj")
@@ -77,11 +78,32 @@ SPACES = {
 }
 
 
+def space_for(method: str, num_layers: int) -> dict:
+    """``SPACES[method]``, whose layer choices are written for the 3-layer benchmark model, for a model of
+    ``num_layers`` decoder layers: with more than 3, MEMIT / AlphaEdit choose between the papers' block at 15-30 % of
+    the depth (``default_edit_layers``), that block two layers earlier, and its middle layer alone; FT-L between the
+    layers at 15, 30 and 50 % of the depth; the adapters may also target ``down_proj`` alone, on every layer or on
+    the papers' block (``adapter_layers``)."""
+    space = dict(SPACES[method])
+    if num_layers <= 3:
+        return space
+    block = default_edit_layers(num_layers)
+    if "edit_layers" in space:
+        earlier = tuple(range(max(0, block[0] - 2), max(1, block[-1] - 1)))
+        space["edit_layers"] = (block, earlier, (block[len(block) // 2],))
+    if "ft_layer" in space:
+        space["ft_layer"] = tuple(sorted({round(f * (num_layers - 1)) for f in (0.15, 0.3, 0.5)}))
+    if "target_modules" in space:
+        space["target_modules"] = (*space["target_modules"], ("down_proj",))
+        space["adapter_layers"] = (None, block)
+    return space
+
+
 def draw(space: dict, generator: random.Random) -> dict:
     """One configuration from ``space`` (see ``SPACES``)."""
     config = {}
     for name, values in space.items():
-        if len(values) == 3 and values[2] == "log":
+        if len(values) == 3 and isinstance(values[2], str) and values[2] == "log":
             low, high = math.log(values[0]), math.log(values[1])
             config[name] = float(f"{math.exp(generator.uniform(low, high)):.3g}")
         else:
@@ -92,9 +114,13 @@ def draw(space: dict, generator: random.Random) -> dict:
 def configurations(method: str, budget: int, seed: int, num_layers: int) -> list[dict]:
     """The method's default configuration and ``budget - 1`` draws (layer indices kept below ``num_layers``)."""
     generator = random.Random(f"{method}-{seed}")
-    found = [dict(DEFAULTS[method])]
+    # DEFAULTS were chosen for the 3-layer benchmark model; a deeper (pretrained) model starts from the package's
+    # defaults (EditHyperParams(), chosen on SmolLM2-135M's dev records; the papers' for MEMIT / AlphaEdit)
+    found = [dict(DEFAULTS[method]) if num_layers <= 3 else {}]
     while len(found) < budget:
-        config = {**DEFAULTS[method], **draw(SPACES[method], generator)}
+        config = {**found[0], **draw(space_for(method, num_layers), generator)}
+        if config.get("adapter_layers", 0) is None:
+            del config["adapter_layers"]
         if all(layer < num_layers - (0 if method == "ft-l" else 1) for layer in _layers(config)):
             found.append(config)
     return found
@@ -213,6 +239,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=int, default=12, help="configurations per method (default 12)")
     parser.add_argument("--dev-records", type=int, default=40, help="dev records per configuration (default 40)")
     parser.add_argument("--frontier-records", type=int, default=60, help="test records per frontier point")
+    parser.add_argument("--test-records", type=int, default=None, help="only the first N test records (default all)")
     parser.add_argument("--locality-floor", type=float, default=0.9)
     parser.add_argument("--quick", action="store_true", help="12 records, a small base model, budget 2 (CI)")
     parser.add_argument("--output", default=str(HERE.parent / "results" / "editing_search.json"))
@@ -241,9 +268,9 @@ def main(argv=None) -> int:
         for line in stream.read_text().splitlines():
             row = json.loads(line)
             done[(row["phase"], row["method"], json.dumps(row["config"], sort_keys=True))] = row
-    dev, test = setup.dev[: args.dev_records], setup.test
+    dev, test = setup.dev[: args.dev_records], setup.test[: args.test_records]
     # the text sample never holds an edited record's text: the dev search reads the dev records it does not edit
-    dev_texts = stats_texts(setup.dev[args.dev_records :]) or setup.texts
+    dev_texts = text_sample(setup, setup.dev[args.dev_records :])
 
     def measured(phase, method, config, requests):
         key = (phase, method, json.dumps(config, sort_keys=True))
@@ -263,7 +290,9 @@ def main(argv=None) -> int:
         "frontier_records": min(args.frontier_records, len(test)),
         "budget": args.budget,
         "locality_floor": args.locality_floor,
-        "text_sample": f"test: {len(setup.texts)} training texts of the {len(setup.dev)} dev records; dev search: "
+        "text_sample": f"{len(setup.texts)} SST-2 training sentences"
+        if setup.glue_texts is not None
+        else f"test: {len(setup.texts)} training texts of the {len(setup.dev)} dev records; dev search: "
         f"{len(dev_texts)} of the dev records not searched on",
         "methods": {},
     }

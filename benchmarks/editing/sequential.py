@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from run import HERE, add_model_arguments, prepare, stats_texts
+from run import HERE, add_model_arguments, prepare, text_sample
 from search import chosen_configs, hyper_parameters
 from transformers import AutoModelForCausalLM
 
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     side = setup.test if args.side == "test" else setup.dev
     requests = side[: args.edits] if args.edits else side
     # the text sample never holds an edited record's text: on the dev side, the dev records after the edited ones
-    texts = setup.texts if args.side == "test" else stats_texts(setup.dev[len(requests) :])
+    texts = setup.texts if args.side == "test" else text_sample(setup, setup.dev[len(requests) :])
     if not texts:
         print(
             "sequential.py: --side dev needs --edits below the number of dev records (the rest is the text sample)",

@@ -213,7 +213,9 @@ class Editor:
         with torch.no_grad():
             for name, parameter in parameters.items():
                 parameter.copy_(state[f"weight.{name}"])
-        self.backend.load_state_dict(state, done)
+        # the backends keep what they load (EMAs, optimizer moments) and train it in place: copies, so that the
+        # caller's tensors stay as given (the same state may resume two editors)
+        self.backend.load_state_dict({key: value.clone() for key, value in state.items()}, done)
         self.memory = list(requests[:done])
         return done
 

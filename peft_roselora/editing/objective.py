@@ -25,14 +25,6 @@ def padded_examples(tokenizer, pairs: Sequence[tuple[list[int], list[int]]], dev
     return input_ids, mask, labels
 
 
-def padded_predictions(tokenizer, pairs: Sequence[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, ...]:
-    """Right-padded ids, mask and labels ``(n, T)`` of ``(text ids, predicted next tokens)`` pairs: every position
-    after the first is a label (the prediction made at the position before it)."""
-    input_ids, mask = metrics.padded_batch(tokenizer, [ids for ids, _ in pairs], device)
-    labels = metrics.right_padded([[-100] + list(predicted) for _, predicted in pairs], -100, device)
-    return input_ids, mask, labels
-
-
 def request_losses(model, examples) -> torch.Tensor:
     """Each request's mean cross-entropy on its target tokens, shape ``(n,)`` (one padded forward pass)."""
     input_ids, mask, labels = examples
@@ -164,26 +156,47 @@ class EditObjective:
         """The step's loss function of an edit of ``requests`` on ``model`` after the edits ``memory``: the requests'
         target loss, plus (many-edit mode) ``replay`` earlier edits (a fresh draw of :func:`replay_picks` every
         step; with ``replay_priority``, weighted by their losses under ``model`` as the edit starts) and
-        ``preserve_weight`` times the cross-entropy to the preservation targets of ``preserve_batch`` texts."""
+        ``preserve_weight`` times the cross-entropy to the preservation targets of ``preserve_batch`` texts.
+
+        The requests, the replayed edits and the preservation texts of a step share one padded forward pass (rows
+        of one batch, each row's mean cross-entropy on its own labels): the many-edit mode costs one forward and
+        one backward per step like a single edit, on a wider batch."""
         h = self.hparams
         examples = self.examples(requests)
         self.record_preservation_targets(model)
         priorities = self.memory_losses(model, memory) if h.replay and h.replay_priority > 0 and memory else None
+        if not (h.replay and memory) and h.preserve_weight == 0:
+            return lambda trained: target_loss(trained, examples)
+        edited = [self._labelled(self.encoded(r)) for r in requests]
 
         def loss_of(trained) -> torch.Tensor:
-            loss = target_loss(trained, examples)
+            rows, replayed, preserved = list(edited), 0, 0
             if h.replay and memory:
                 picks = replay_picks(len(memory), h.replay, priorities, h.replay_priority)
-                count = len(picks)
-                replayed = target_loss(trained, self.examples([memory[i] for i in picks]))
-                loss = (loss * len(requests) + replayed * count) / (len(requests) + count)
+                rows += [self._labelled(self.encoded(memory[i])) for i in picks]
+                replayed = len(picks)
             if h.preserve_weight > 0:
                 picks = torch.randint(len(self.preservation_targets), (h.preserve_batch,)).tolist()
-                batch = padded_predictions(self.tokenizer, [self.preservation_targets[i] for i in picks], self.device)
-                loss = loss + h.preserve_weight * target_loss(trained, batch)
+                rows += [
+                    (ids, [-100] + list(predicted)) for ids, predicted in (self.preservation_targets[i] for i in picks)
+                ]
+                preserved = len(picks)
+            input_ids, mask = metrics.padded_batch(self.tokenizer, [ids for ids, _ in rows], self.device)
+            labels = metrics.right_padded([row_labels for _, row_labels in rows], -100, self.device)
+            losses = request_losses(trained, (input_ids, mask, labels))
+            edits = len(requests) + replayed
+            loss = losses[:edits].mean()  # the requests and the replayed edits, each counted once
+            if preserved:
+                loss = loss + h.preserve_weight * losses[edits:].mean()
             return loss
 
         return loss_of
+
+    @staticmethod
+    def _labelled(encoded: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+        """``(prompt + target ids, labels)`` of an encoded request: the labels are the target ids, -100 before."""
+        prompt, target = encoded
+        return prompt + target, [-100] * len(prompt) + target
 
     def held_check(self, requests: Sequence[EditRequest]) -> Optional[Callable[[torch.nn.Module], bool]]:
         """``hold_steps``: a function telling whether a model (put in eval mode for the check) holds every request;

@@ -79,7 +79,11 @@ class AdapterBackend(EditBackend):
 
     def common_config(self) -> dict:
         h = self.hparams
-        return dict(r=h.r, lora_alpha=h.lora_alpha, lora_dropout=h.lora_dropout, target_modules=list(h.target_modules))
+        config = dict(r=h.r, lora_alpha=h.lora_alpha, lora_dropout=h.lora_dropout)
+        config["target_modules"] = list(h.target_modules)
+        if h.adapter_layers is not None:
+            config["layers_to_transform"] = list(h.adapter_layers)
+        return config
 
     def adapter_config(self):
         raise NotImplementedError
