@@ -154,6 +154,26 @@ def write_trace(tuner, folder: Path, step: int) -> None:
         save_file(state, folder / f"step{step}.safetensors")
 
 
+def poison_one_gradient_entry(model) -> None:
+    """Set the last output row's first entry of the last layer's ``up_proj`` ``lora_B`` gradient to NaN, on the
+    process that holds that row (every row in one process; the last shard's under FSDP2)."""
+    factor = model.base_model.model.model.layers[-1].mlp.up_proj.lora_B["default"].weight
+    grad = factor.grad
+    if hasattr(grad, "to_local"):  # FSDP2: a DTensor sharded on rows, chunks of ceil(rows / world)
+        rows, world, rank = factor.shape[0], dist.get_world_size(), dist.get_rank()
+        chunk = -(-rows // world)
+        if rank == (rows - 1) // chunk:
+            grad.to_local()[rows - 1 - rank * chunk, 0] = float("nan")
+    else:
+        grad[-1, 0] = float("nan")
+
+
+def zero_non_finite_gradients(model) -> None:
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            parameter.grad.nan_to_num_(0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True)
@@ -174,7 +194,16 @@ def main() -> None:
         help="write the gathered masks and factors (and, in one process, the importance EMAs) after every step to "
         "<trace>/step<t>.safetensors",
     )
+    parser.add_argument(
+        "--nan-grad-step",
+        type=int,
+        default=None,
+        help="make one gradient entry NaN at this step (the last output row of the last up_proj's lora_B: one "
+        "process holds it under FSDP2), then zero it after the importance update, before the optimizer",
+    )
     args = parser.parse_args()
+    if args.nan_grad_step is not None and args.deepspeed is not None:
+        parser.error("--nan-grad-step is for FSDP2 and one process, not --deepspeed")
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cuda = torch.cuda.is_available()
@@ -204,6 +233,8 @@ def main() -> None:
         }
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     register_optimizer_hooks(model, optimizer)  # with DeepSpeed: engine.optimizer, the ZeRO optimizer
+    if args.nan_grad_step is not None:  # runs after the schedule's pre-hook: the importance update sees the NaN
+        optimizer.register_step_pre_hook(lambda *_: zero_non_finite_gradients(model))
 
     output = Path(args.output_dir)
     checkpoint = Path(args.checkpoint_dir) if args.checkpoint_dir else output / "checkpoint"
@@ -225,6 +256,8 @@ def main() -> None:
         else:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
+            if step + 1 == args.nan_grad_step:
+                poison_one_gradient_entry(model)
             optimizer.step()  # hooks: update_importance() before, prune_step() after
             optimizer.zero_grad(set_to_none=True)
         if args.trace:
@@ -237,6 +270,8 @@ def main() -> None:
     tuner = model.base_model
     density = tuner.factor_density()  # collective under FSDP2 and ZeRO
     adapter = tuner.masked_adapter_state()  # gathered whole: collective too
+    nonfinite = [None] * dist.get_world_size()
+    dist.all_gather_object(nonfinite, tuner.adapter_schedule().nonfinite_steps)
     output.mkdir(parents=True, exist_ok=True)
     masks = {key: value for key, value in adapter.items() if "lora_mask" in key}
     save_file(masks, output / f"masks_rank{rank}.safetensors")
@@ -251,6 +286,7 @@ def main() -> None:
             "collectives": stats.collectives,
             "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received,
+            "nonfinite_steps_per_rank": nonfinite,
         }
         (output / "result.json").write_text(json.dumps(result, indent=2))
         print(f"world size {world}, schedule step {result['schedule_step']}, factor density {density:.4f}")

@@ -64,6 +64,17 @@ def test_custom_loop_persistent_mode_with_clamp_under_fsdp2(tmp_path, one_proces
 
 
 @pytest.mark.slow
+def test_a_non_finite_gradient_on_one_process_skips_the_update_on_every_process(tmp_path):
+    # one NaN gradient entry at step 5 (mid decay) on the process holding that row only: every process must skip the
+    # importance update as the single process does, else the shards of the EMAs diverge
+    single = run_example(CUSTOM_LOOP, 1, tmp_path / "single", "--nan-grad-step", "5")
+    sharded = run_example(CUSTOM_LOOP, 2, tmp_path / "sharded", "--nan-grad-step", "5")
+    assert single["nonfinite_steps_per_rank"] == [1]
+    assert sharded["nonfinite_steps_per_rank"] == [1, 1]
+    assert_same_masked_adapter(tmp_path / "sharded", tmp_path / "single")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "checkpoint, resume_processes",
     [("sharded", 2), ("sharded", 3), ("full", 3)],

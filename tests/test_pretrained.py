@@ -121,3 +121,32 @@ def test_the_real_llm_example_fine_tunes_and_edits_smollm2(smollm2_cache, tmp_pa
     assert summary["unrelated"][0] == summary["unrelated"][1]  # the unrelated fact untouched
     assert summary["edit_result"]["reliability"] == 1.0
     assert (tmp_path / "sft-adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_the_forgetting_benchmark_runs_every_method_on_smollm2(smollm2_cache, tmp_path):
+    # CI's quick version of benchmarks/finetune/forgetting.py: 2 SFT steps per method on the fixtures; structure and
+    # the changed-weight order only (no score asserts: 2 steps train nothing)
+    cache, _ = smollm2_cache
+    env = {**os.environ, pretrained.CACHE_ENV: str(cache)}
+    output = tmp_path / "forgetting.json"
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "finetune" / "forgetting.py"),
+        "--quick",
+        "--glue-data",
+        str(REPO / "tests" / "fixtures" / "glue"),
+        "--zsre-data",
+        str(REPO / "tests" / "fixtures" / "zsre_sample.json"),
+        "--output",
+        str(output),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert [run["method"] for run in report["runs"]] == ["roselora", "lora", "full"]
+    assert report["probe_tokens"] > 0 and report["base"]["perplexity"] > 1.0
+    changed = {run["method"]: run["changed_fraction_of_all"] for run in report["runs"]}
+    assert 0 < changed["roselora"] < changed["lora"] < changed["full"] <= 1.0
+    assert all(0.0 <= run["probe_retained"] <= 1.0 for run in report["runs"])
+    assert "| roselora |" in output.with_suffix(".md").read_text()
