@@ -48,7 +48,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from peft_roselora import RoseLoraCallback, RoseLoraConfig  # noqa: E402
-from peft_roselora.editing.metrics import padded_batch, predicted_target_tokens  # noqa: E402
+from peft_roselora.editing.metrics import encode_prompt_target, padded_batch  # noqa: E402
 from peft_roselora.pretrained import resolve_model  # noqa: E402
 
 
@@ -71,16 +71,17 @@ def sst2_dataset(rows: list[dict]) -> Dataset:
 
 @torch.no_grad()
 def task_accuracy(model, tokenizer, rows: list[dict], batch: int = 16) -> float:
-    """Accuracy of choosing the answer whose first token has the higher logit after the prompt (left-padded)."""
+    """Accuracy of choosing the answer whose first token has the higher logit after the prompt (right-padded
+    batches, each row read at its own last prompt token)."""
     answer_ids = [tokenizer(answer, add_special_tokens=False)["input_ids"][0] for answer in ANSWERS]
     correct = 0
-    tokenizer.padding_side = "left"
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
-        inputs = tokenizer([instruction(row["text_a"]) for row in chunk], return_tensors="pt", padding=True)
-        logits = model(**inputs).logits[:, -1, answer_ids]
-        correct += int((logits.argmax(dim=-1) == torch.tensor([int(row["label"]) for row in chunk])).sum())
-    tokenizer.padding_side = "right"
+        ids = [tokenizer(instruction(row["text_a"]), add_special_tokens=True)["input_ids"] for row in chunk]
+        input_ids, mask = padded_batch(tokenizer, ids)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        last = logits[torch.arange(len(ids)), mask.sum(dim=1) - 1][:, answer_ids]
+        correct += int((last.argmax(dim=-1) == torch.tensor([int(row["label"]) for row in chunk])).sum())
     return correct / len(rows)
 
 
@@ -99,12 +100,18 @@ def perplexity(model, tokenizer, texts: list[str], batch: int = 16) -> float:
     return math.exp(total / count)
 
 
-def correct_tokens(model, tokenizer, probes: list[tuple[str, str]]) -> torch.Tensor:
-    """Per answer token of every probe (concatenated, 1-D bool): does the model predict it (teacher-forced)?"""
+@torch.no_grad()
+def correct_tokens(model, tokenizer, probes: list[tuple[str, str]], batch: int = 16) -> torch.Tensor:
+    """Per answer token of every probe (concatenated in order, 1-D bool): does the model predict it after the prompt
+    and the answer tokens before it (teacher-forced, right-padded batches)?"""
     flags = []
-    for prompt, answer in probes:
-        predicted, target = predicted_target_tokens(model, tokenizer, prompt, answer)
-        flags.append(predicted == target)
+    for start in range(0, len(probes), batch):
+        encoded = [encode_prompt_target(tokenizer, prompt, answer) for prompt, answer in probes[start : start + batch]]
+        input_ids, mask = padded_batch(tokenizer, [prompt + target for prompt, target in encoded])
+        predicted = model(input_ids=input_ids, attention_mask=mask).logits.argmax(dim=-1)
+        for row, (prompt, target) in enumerate(encoded):
+            first = len(prompt) - 1
+            flags.append(predicted[row, first : first + len(target)] == torch.tensor(target))
     return torch.cat(flags)
 
 
@@ -242,14 +249,14 @@ def main(argv=None) -> int:
     parser.add_argument("--zsre-data", default=None, help="zsre_mend_eval.json; default: the Hub")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3, help="RoseLoRA and LoRA (default 1e-3)")
     parser.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning (default 2e-5)")
     parser.add_argument("--train-rows", type=int, default=480)
     parser.add_argument("--eval-rows", type=int, default=200)
-    parser.add_argument("--text-rows", type=int, default=200)
-    parser.add_argument("--probe-records", type=int, default=300)
+    parser.add_argument("--text-rows", type=int, default=100)
+    parser.add_argument("--probe-records", type=int, default=150)
     parser.add_argument("--quick", action="store_true", help="a tiny run: 2 steps, 8 rows each, one seed (CI)")
     parser.add_argument("--output", default=str(BENCHMARKS / "results" / "smollm2_forgetting.json"))
     parser.add_argument("--plot", default=None, help="PNG of task accuracy against forgetting (needs matplotlib)")
