@@ -143,8 +143,8 @@ def _sequence_hparams(method):
     [
         "roselora",
         "roselora+shared",
-        "roselora+shared+adam",
-        "roselora+shared+priority",
+        pytest.param("roselora+shared+adam", marks=pytest.mark.slow),
+        pytest.param("roselora+shared+priority", marks=pytest.mark.slow),
         "roselora+shared+priority+hold",
         "alphaedit",
     ],

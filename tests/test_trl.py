@@ -25,7 +25,9 @@ def _example():
     return module
 
 
-@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["bf16-base", "qlora-4bit"])
+@pytest.mark.parametrize(
+    "load_in_4bit", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["bf16-base", "qlora-4bit"]
+)
 def test_sft_trainer_reaches_target_sparsity(tmp_path, load_in_4bit):
     trainer = _example().build_trainer(
         max_steps=30, keep_ratio=0.25, load_in_4bit=load_in_4bit, output_dir=str(tmp_path)
