@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peft_roselora import RoseLoraConfig, register_optimizer_hooks
+from peft_roselora import RoseLoraConfig, register_optimizer_hooks, sharding
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -156,16 +156,12 @@ def write_trace(tuner, folder: Path, step: int) -> None:
 
 def poison_one_gradient_entry(model) -> None:
     """Set the last output row's first entry of the last layer's ``up_proj`` ``lora_B`` gradient to NaN, on the
-    process that holds that row (every row in one process; the last shard's under FSDP2)."""
+    process that holds that row (every row in one process; one shard's under FSDP2)."""
     factor = model.base_model.model.model.layers[-1].mlp.up_proj.lora_B["default"].weight
-    grad = factor.grad
-    if hasattr(grad, "to_local"):  # FSDP2: a DTensor sharded on rows, chunks of ceil(rows / world)
-        rows, world, rank = factor.shape[0], dist.get_world_size(), dist.get_rank()
-        chunk = -(-rows // world)
-        if rank == (rows - 1) // chunk:
-            grad.to_local()[rows - 1 - rank * chunk, 0] = float("nan")
-    else:
-        grad[-1, 0] = float("nan")
+    last = factor.shape[0] - 1
+    held = sharding.shard_rows(factor.grad) if sharding.is_sharded(factor.grad) else slice(0, last + 1)
+    if held.start <= last < held.stop:
+        sharding.local_tensor(factor.grad)[last - held.start, 0] = float("nan")
 
 
 def zero_non_finite_gradients(model) -> None:
