@@ -124,9 +124,12 @@ def test_edit_cost_benchmark_quick(tmp_path):
     output = tmp_path / "cost.json"
     command = [sys.executable, str(BENCHMARKS / "editing" / "edit_cost.py"), "--quick", "--data", str(ZSRE)]
     command += ["--cache-dir", str(tmp_path / "cache"), "--output", str(output)]
+    command += ["--replay-score-limit", "1", "--preserve-tokens", "4", "--many-edit-every", "2"]  # the bounded mode
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=BENCHMARKS / "editing")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())
+    bounded = {"replay_score_limit": 1, "preserve_tokens": 4, "many_edit_every": 2}
+    assert {key: report["many_edit"][key] for key in bounded} == bounded
     assert len(report["single_seconds"]) == len(report["sequential_seconds"]) == 2
     assert all(seconds > 0 for seconds in report["single_seconds"] + report["sequential_seconds"])
     assert report["ratio"] == pytest.approx(report["sequential_median_s"] / report["single_median_s"])

@@ -288,12 +288,60 @@ def test_prioritised_replay_weighs_each_earlier_edit_by_its_loss_as_the_edit_sta
     torch.testing.assert_close(seen[0][2], expected.reshape(1))
 
 
+def test_a_replay_score_limit_scores_that_many_earlier_edits_and_replays_the_forgotten_among_them(
+    tiny_lm, monkeypatch
+):
+    from peft_roselora.editing.objective import EditObjective, replay_picks
+
+    model, tokenizer = tiny_lm
+    targets = ["rome", "madrid", "oslo", "vienna", "lisbon"]
+    memory = parse_edit_records([{"prompt": "the capital of france is", "target_new": t} for t in targets]).requests
+    unlimited = EditObjective(tokenizer, EditHyperParams(replay=2, replay_priority=1.0), None, "cpu")
+    everything = unlimited.memory_losses(model, memory)
+    assert bool((everything > 0).all())
+    torch.manual_seed(7)
+    assert torch.equal(unlimited.replay_priorities(model, memory), everything)
+    after_unlimited = torch.rand(1)
+
+    limited = EditObjective(
+        tokenizer, EditHyperParams(replay=2, replay_priority=1.0, replay_score_limit=2), None, "cpu"
+    )
+    scored_rows = []
+    memory_losses = limited.memory_losses
+    monkeypatch.setattr(
+        limited, "memory_losses", lambda m, rows: scored_rows.append(len(rows)) or memory_losses(m, rows)
+    )
+    torch.manual_seed(7)
+    priorities = limited.replay_priorities(model, memory)
+    assert scored_rows == [2]  # one pass over 2 edits, not 5
+    scored = priorities.nonzero().squeeze(1)
+    assert len(scored) == 2
+    torch.testing.assert_close(priorities[scored], everything[scored])
+    torch.manual_seed(7)
+    assert torch.equal(limited.replay_priorities(model, memory), priorities)  # the edit's seed fixes the draw
+    assert not torch.equal(torch.rand(1), after_unlimited)  # without a limit no random number is drawn
+    for seed in range(5):  # the prioritised replays are the scored edits
+        torch.manual_seed(seed)
+        assert sorted(replay_picks(5, 2, priorities, 1.0)) == scored.tolist()
+    at_least_all = EditObjective(
+        tokenizer, EditHyperParams(replay=2, replay_priority=1.0, replay_score_limit=5), None, "cpu"
+    )
+    torch.manual_seed(7)
+    assert torch.equal(at_least_all.replay_priorities(model, memory), everything)
+    assert torch.equal(torch.rand(1), after_unlimited)
+    with pytest.raises(ValueError, match="`replay_score_limit` must be None or an integer >= 1, got 0"):
+        EditHyperParams(replay=2, replay_priority=1.0, replay_score_limit=0)
+    with pytest.raises(ValueError, match="`replay_score_limit=4` needs `replay_priority` > 0"):
+        EditHyperParams(replay=2, replay_score_limit=4)
+
+
 def test_hold_steps_train_on_until_the_edit_holds_and_no_further(tiny_lm, monkeypatch):
     from peft_roselora.editing import objective as editor_module
 
     model, tokenizer = tiny_lm
     short = dict(method="lora", lr=2e-2, clamp_value=None, target_modules=("q_proj", "v_proj", "down_proj"))
     plain = Editor(copy.deepcopy(model), tokenizer, EditHyperParams.scaled_to(5, **short))
+    torch.manual_seed(0)  # the adapter's initialisation: independent of the tests run before
     unheld = plain.edit_single(SECOND)
     assert unheld.steps == 5 and unheld.reliability < 1.0  # five small steps do not make the edit
     holding = Editor(copy.deepcopy(model), tokenizer, EditHyperParams.scaled_to(5, hold_steps=200, **short))
@@ -480,6 +528,88 @@ def test_preservation_targets_are_the_unedited_models_predictions(tiny_lm):
     with torch.no_grad():  # and the edited model differs from it
         ids = torch.tensor([editor.objective.preservation_targets[0][0]])
         assert not torch.equal(editor.model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_preserve_tokens_crops_each_text_to_a_prefix_whose_targets_are_the_unedited_models_predictions(
+    tiny_lm, monkeypatch
+):
+    from peft_roselora.editing.objective import EditObjective, request_losses
+
+    model, tokenizer = tiny_lm
+    hparams = EditHyperParams(method="lora", replay=1, preserve_weight=1.0, preserve_batch=3, preserve_tokens=3)
+    objective = EditObjective(tokenizer, hparams, TEXTS, "cpu")
+    objective.record_preservation_targets(model)
+    for ids, predicted in objective.preservation_targets:
+        assert len(ids) > 3
+        cropped, labels = objective._preserved(ids, predicted, hparams.preserve_tokens)
+        with torch.no_grad():  # the unedited model's predictions on the prefix alone
+            on_prefix = model(input_ids=torch.tensor([ids[:3]])).logits[0, :-1].argmax(-1).tolist()
+        assert cropped == ids[:3] and labels == [-100, *on_prefix]
+    seen = []
+
+    def spy(trained, examples):
+        seen.append(examples)
+        return request_losses(trained, examples)
+
+    monkeypatch.setattr("peft_roselora.editing.objective.request_losses", spy)
+    objective.loss_for(model, [SECOND], [REQUEST])(model)
+    input_ids, mask, labels = seen[0]
+    edit_rows = max(len(p) + len(t) for p, t in (objective.encoded(r) for r in (SECOND, REQUEST)))
+    assert input_ids.shape == (5, max(edit_rows, 3))  # the edit, the replay, 3 texts of at most 3 tokens
+    assert bool((mask[2:].sum(dim=1) <= 3).all())
+    whole = EditObjective(
+        tokenizer, EditHyperParams(method="lora", preserve_weight=1.0, preserve_tokens=99), TEXTS, "cpu"
+    )
+    whole.record_preservation_targets(model)
+    assert [whole._preserved(*t, 99) for t in whole.preservation_targets] == [
+        whole._preserved(*t, None) for t in whole.preservation_targets
+    ]
+    with pytest.raises(ValueError, match="`preserve_tokens` must be None or an integer >= 2"):
+        EditHyperParams(method="lora", preserve_weight=1.0, preserve_tokens=1)
+    with pytest.raises(ValueError, match="`preserve_tokens=8` needs `preserve_weight` > 0"):
+        EditHyperParams(method="lora", preserve_tokens=8)
+
+
+def test_many_edit_every_k_adds_replay_and_preservation_every_kth_step_weighted_to_the_same_objective(
+    tiny_lm, monkeypatch
+):
+    from peft_roselora.editing.objective import EditObjective, request_losses, target_loss
+
+    model, tokenizer = tiny_lm
+    seen = []
+
+    def spy(trained, examples):
+        seen.append(request_losses(trained, examples))
+        return seen[-1]
+
+    monkeypatch.setattr("peft_roselora.editing.objective.request_losses", spy)
+    memory = [REQUEST, copy.deepcopy(REQUEST)]
+    losses = {}
+    for every in (1, 3):
+        hparams = EditHyperParams(
+            method="lora", replay=2, preserve_weight=0.5, preserve_batch=2, many_edit_every=every
+        )
+        objective = EditObjective(tokenizer, hparams, TEXTS, "cpu")
+        loss_of = objective.loss_for(model, [SECOND], memory)
+        seen.clear()
+        torch.manual_seed(0)
+        losses[every] = [loss_of(model) for _ in range(4)]
+        rows = [len(row) for row in seen]
+        if every == 1:
+            assert rows == [5, 5, 5, 5]  # the edit, 2 replayed edits, 2 texts at every step
+            row = seen[0]
+            torch.testing.assert_close(losses[1][0], row[:3].mean() + 0.5 * row[3:].mean())
+        else:
+            assert rows == [5, 1, 1, 5]  # steps 0 and 3 (every third, the first included) add them
+            row = seen[0]  # that step and two steps of the edit alone weigh as 3 steps with every = 1, times 3
+            torch.testing.assert_close(losses[3][0], row[0] + 3 * row[1:3].sum() + 3 * 0.5 * 3 * row[3:].mean())
+            alone = target_loss(model, objective.examples([SECOND]))
+            torch.testing.assert_close(losses[3][1], alone)
+            torch.testing.assert_close(3 * losses[1][0], (losses[3][0] + 2 * alone) / 3)  # one scale: 3 rows / 1
+    with pytest.raises(ValueError, match="`many_edit_every` must be an integer >= 1, got 0"):
+        EditHyperParams(method="lora", replay=2, many_edit_every=0)
+    with pytest.raises(ValueError, match="`many_edit_every=2` needs the many-edit mode"):
+        EditHyperParams(method="lora", many_edit_every=2)
 
 
 def test_locate_then_edit_leaves_the_models_trainable_flags_alone(tiny_lm):

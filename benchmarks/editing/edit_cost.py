@@ -6,12 +6,14 @@
 Single: ``edit_single`` of ``--records`` test records from the unedited model at the base configuration
 (``--config``, a JSON object of ``EditHyperParams`` fields; default the ``EditHyperParams()`` defaults). Sequential:
 ``--warm`` dev records edited one after another at that configuration with the many-edit mode on (``--replay``
-earlier edits and ``--preserve-batch`` texts of the text sample in every step, ``--preserve-weight``, prioritised
-replay ``--replay-priority``; optional ``--shared-adapter``), then the same test records, each timed. What grows
-with the number of earlier edits is the prioritised replay's scoring of every earlier edit as an edit starts (one
-no-grad pass over them): it is timed on ``--pool`` dev records and added to give the cost after that many edits.
-Printed and written (``--output``): the median seconds per edit (editing only, measurement excluded), the ratios,
-and the median steps.
+earlier edits, ``--replay-priority`` of them drawn by loss among at most ``--replay-score-limit`` scored ones, and
+``--preserve-batch`` texts of the text sample, their first ``--preserve-tokens``, at ``--preserve-weight``, in every
+``--many-edit-every``-th step; optional ``--shared-adapter``), then the same test records, each timed (use
+``--warm`` >= ``--replay`` so every timed edit replays in full). What grows with the number of earlier edits is the
+prioritised replay's scoring of the earlier edits as an edit starts (one no-grad pass over every one, or over
+``--replay-score-limit`` of them): it is timed on ``--pool`` dev records and added to give the cost after that many
+edits. Printed and written (``--output``): the median seconds per edit (editing only, measurement excluded), the
+ratios, and the median steps.
 """
 
 from __future__ import annotations
@@ -45,8 +47,20 @@ def main(argv=None) -> int:
     parser.add_argument("--warm", type=int, default=3, help="edits made before the timed ones (default 3)")
     parser.add_argument("--replay", type=int, default=4)
     parser.add_argument("--replay-priority", type=float, default=1.0)
+    parser.add_argument(
+        "--replay-score-limit",
+        type=int,
+        default=None,
+        help="earlier edits scored as an edit starts (default: every one, see EditHyperParams.replay_score_limit)",
+    )
     parser.add_argument("--preserve-weight", type=float, default=1.0)
     parser.add_argument("--preserve-batch", type=int, default=2)
+    parser.add_argument(
+        "--preserve-tokens", type=int, default=None, help="tokens of each preservation text (default: whole texts)"
+    )
+    parser.add_argument(
+        "--many-edit-every", type=int, default=1, help="replay and preservation every this many steps (default 1)"
+    )
     parser.add_argument("--shared-adapter", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a small trained base, 2 records, pool 4 (CI)")
     parser.add_argument("--output", default=str(HERE.parent / "results" / "edit_cost.json"))
@@ -64,8 +78,11 @@ def main(argv=None) -> int:
             config,
             replay=args.replay,
             replay_priority=args.replay_priority,
+            replay_score_limit=args.replay_score_limit,
             preserve_weight=args.preserve_weight,
             preserve_batch=args.preserve_batch,
+            preserve_tokens=args.preserve_tokens,
+            many_edit_every=args.many_edit_every,
             shared_adapter=args.shared_adapter,
         )
         setup = prepare(args)
@@ -101,7 +118,7 @@ def main(argv=None) -> int:
 
     editor.edit_sequence(warm + timed, on_edit=on_edit, seed=0)
     start = time.perf_counter()
-    editor.objective.memory_losses(editor.model, pool)
+    editor.objective.replay_priorities(editor.model, pool)  # what the scoring costs after --pool edits
     scoring = time.perf_counter() - start
 
     report = {
@@ -110,8 +127,11 @@ def main(argv=None) -> int:
         "many_edit": {
             "replay": args.replay,
             "replay_priority": args.replay_priority,
+            "replay_score_limit": args.replay_score_limit,
             "preserve_weight": args.preserve_weight,
             "preserve_batch": args.preserve_batch,
+            "preserve_tokens": args.preserve_tokens,
+            "many_edit_every": args.many_edit_every,
             "shared_adapter": args.shared_adapter,
             "warm": args.warm,
         },

@@ -246,6 +246,11 @@ def glue_sentences(data_dir: str | None, count: int) -> list[str]:
     return [example["text_a"].strip() for example in examples[:count]]
 
 
+def glue_sample_description(setup) -> str | None:
+    """How a report names the text sample when it is the GLUE one (None otherwise)."""
+    return f"{len(setup.glue_texts)} SST-2 training sentences" if setup.glue_texts is not None else None
+
+
 def text_sample(setup, unused_dev_records) -> list[str]:
     """The text sample of a run on dev records: the GLUE sample when chosen, else the training text of the dev
     records the run does not edit (never an edited record's text); falls back to ``setup.texts``."""

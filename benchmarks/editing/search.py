@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from run import HERE, add_model_arguments, prepare, text_sample
+from run import HERE, add_model_arguments, glue_sample_description, prepare, text_sample
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -290,9 +290,8 @@ def main(argv=None) -> int:
         "frontier_records": min(args.frontier_records, len(test)),
         "budget": args.budget,
         "locality_floor": args.locality_floor,
-        "text_sample": f"{len(setup.texts)} SST-2 training sentences"
-        if setup.glue_texts is not None
-        else f"test: {len(setup.texts)} training texts of the {len(setup.dev)} dev records; dev search: "
+        "text_sample": glue_sample_description(setup)
+        or f"test: {len(setup.texts)} training texts of the {len(setup.dev)} dev records; dev search: "
         f"{len(dev_texts)} of the dev records not searched on",
         "methods": {},
     }

@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from run import HERE, add_model_arguments, prepare, text_sample
+from run import HERE, add_model_arguments, glue_sample_description, prepare, text_sample
 from search import chosen_configs, hyper_parameters
 from transformers import AutoModelForCausalLM
 
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         "side": args.side,
         "edits": len(requests),
         "edit_seed": args.edit_seed,
-        "text_sample": f"{len(texts)} training texts of dev records not edited",
+        "text_sample": glue_sample_description(setup) or f"{len(texts)} training texts of dev records not edited",
         "many_edit_mode": {
             "replay": args.replay,
             "preserve_weight": args.preserve_weight,

@@ -136,6 +136,15 @@ class EditHyperParams:
         "fraction",
         GRADIENT,
     )
+    replay_score_limit: Optional[int] = _field(
+        None,
+        "many-edit mode, with --replay-priority: score at most this many earlier edits (drawn at random) as an edit "
+        "starts and draw the prioritised replays among them, a cost that stays constant along a sequence (default: "
+        "score every earlier edit, a cost that grows with the number of edits)",
+        "--replay-score-limit",
+        "int>=1",
+        GRADIENT,
+    )
     preserve_weight: float = _field(
         0.0,
         "many-edit mode: weight of the cross-entropy to the unedited model's predictions on the text sample",
@@ -147,6 +156,24 @@ class EditHyperParams:
         8,
         "many-edit mode: texts of the text sample in each step's preservation loss",
         "--preserve-batch",
+        "int>=1",
+        GRADIENT,
+    )
+    preserve_tokens: Optional[int] = _field(
+        None,
+        "many-edit mode: the preservation loss reads the first this many tokens of each text (its predictions there "
+        "are the unedited model's on the whole text: causal), so short edit rows are not padded to long texts "
+        "(default: whole texts)",
+        "--preserve-tokens",
+        "int>=1",
+        GRADIENT,
+    )
+    many_edit_every: int = _field(
+        1,
+        "many-edit mode: the replayed edits and the preservation texts join the loss of every this many steps (the "
+        "first included), weighted so that over that many steps they weigh what they weigh at every step; the "
+        "steps between train the edit alone, at a single edit's cost (and early_stop_loss reads them)",
+        "--many-edit-every",
         "int>=1",
         GRADIENT,
     )
@@ -197,6 +224,31 @@ class EditHyperParams:
             raise ValueError(f"`replay_priority` must be in [0, 1], got {self.replay_priority}")
         if self.replay_priority > 0 and self.replay == 0:
             raise ValueError(f"`replay_priority={self.replay_priority}` needs `replay` > 0 (earlier edits replayed)")
+        if self.replay_score_limit is not None:
+            if not self.replay_score_limit >= 1:
+                raise ValueError(
+                    f"`replay_score_limit` must be None or an integer >= 1, got {self.replay_score_limit}"
+                )
+            if self.replay_priority == 0:
+                raise ValueError(
+                    f"`replay_score_limit={self.replay_score_limit}` needs `replay_priority` > 0 (only the "
+                    "prioritised replay scores earlier edits)"
+                )
+        if self.preserve_tokens is not None and not self.preserve_tokens >= 2:
+            raise ValueError(
+                f"`preserve_tokens` must be None or an integer >= 2 (a token and the next), got {self.preserve_tokens}"
+            )
+        if not self.many_edit_every >= 1:
+            raise ValueError(f"`many_edit_every` must be an integer >= 1, got {self.many_edit_every}")
+        if self.many_edit_every > 1 and not (self.replay or self.preserve_weight):
+            raise ValueError(
+                f"`many_edit_every={self.many_edit_every}` needs the many-edit mode (`replay` > 0 or "
+                "`preserve_weight` > 0)"
+            )
+        if self.preserve_tokens is not None and self.preserve_weight == 0:
+            raise ValueError(
+                f"`preserve_tokens={self.preserve_tokens}` needs `preserve_weight` > 0 (a preservation loss to crop)"
+            )
         for name in ("v_steps", "preserve_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")

@@ -6,6 +6,7 @@ requests, the preservation targets).
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -98,7 +99,8 @@ class EditObjective:
 
     Args:
         tokenizer: the model's tokenizer.
-        hparams: ``replay``, ``replay_priority``, ``preserve_weight``, ``preserve_batch``, ``hold_steps`` are read.
+        hparams: ``replay``, ``replay_priority``, ``replay_score_limit``, ``preserve_weight``, ``preserve_batch``,
+            ``preserve_tokens``, ``many_edit_every``, ``hold_steps`` are read.
         stats_texts: the text sample (needed when ``preserve_weight > 0``).
         device: where the examples are built.
     """
@@ -152,24 +154,47 @@ class EditObjective:
         model.train(training)
         return torch.cat(losses).cpu()
 
+    def replay_priorities(self, model, memory: Sequence[EditRequest]) -> Optional[torch.Tensor]:
+        """The losses :func:`replay_picks` draws the prioritised replays by, shape ``(len(memory),)``: each earlier
+        edit's target loss under ``model`` as the edit starts; with ``replay_score_limit`` below ``len(memory)``,
+        only that many earlier edits (a uniform draw from torch's global generator) are scored and the others get
+        loss 0 (drawn by loss last). None when the edit has no prioritised replay."""
+        h = self.hparams
+        if not (h.replay and h.replay_priority > 0 and memory):
+            return None
+        if h.replay_score_limit is None or h.replay_score_limit >= len(memory):
+            return self.memory_losses(model, memory)
+        scored = torch.randperm(len(memory))[: h.replay_score_limit]
+        losses = torch.zeros(len(memory))
+        losses[scored] = self.memory_losses(model, [memory[i] for i in scored.tolist()]).to(losses.dtype)
+        return losses
+
     def loss_for(self, model, requests: Sequence[EditRequest], memory: Sequence[EditRequest]) -> LossFunction:
         """The step's loss function of an edit of ``requests`` on ``model`` after the edits ``memory``: the requests'
         target loss, plus (many-edit mode) ``replay`` earlier edits (a fresh draw of :func:`replay_picks` every
-        step; with ``replay_priority``, weighted by their losses under ``model`` as the edit starts) and
-        ``preserve_weight`` times the cross-entropy to the preservation targets of ``preserve_batch`` texts.
+        step; with ``replay_priority``, weighted by :meth:`replay_priorities`) and
+        ``preserve_weight`` times the cross-entropy to the preservation targets of ``preserve_batch`` texts (their
+        first ``preserve_tokens`` tokens).
 
         The requests, the replayed edits and the preservation texts of a step share one padded forward pass (rows
         of one batch, each row's mean cross-entropy on its own labels): the many-edit mode costs one forward and
-        one backward per step like a single edit, on a wider batch."""
+        one backward per step like a single edit, on a wider batch. With ``many_edit_every`` = k, only every k-th
+        call (the first included) has the replayed edits and the preservation texts, weighted so that the k steps
+        together weigh the requests, the replayed edits and the preservation as k steps with k = 1 do (up to one
+        scale, ``edits / requests``); the other calls are the requests' target loss alone (what ``early_stop_loss``
+        then reads)."""
         h = self.hparams
         examples = self.examples(requests)
         self.record_preservation_targets(model)
-        priorities = self.memory_losses(model, memory) if h.replay and h.replay_priority > 0 and memory else None
+        priorities = self.replay_priorities(model, memory)
         if not (h.replay and memory) and h.preserve_weight == 0:
             return lambda trained: target_loss(trained, examples)
         edited = [self._labelled(self.encoded(r)) for r in requests]
+        steps = itertools.count()
 
         def loss_of(trained) -> torch.Tensor:
+            if next(steps) % h.many_edit_every:  # a step of the edit alone
+                return target_loss(trained, examples)
             rows, replayed, preserved = list(edited), 0, 0
             if h.replay and memory:
                 picks = replay_picks(len(memory), h.replay, priorities, h.replay_priority)
@@ -177,20 +202,31 @@ class EditObjective:
                 replayed = len(picks)
             if h.preserve_weight > 0:
                 picks = torch.randint(len(self.preservation_targets), (h.preserve_batch,)).tolist()
-                rows += [
-                    (ids, [-100] + list(predicted)) for ids, predicted in (self.preservation_targets[i] for i in picks)
-                ]
+                rows += [self._preserved(*self.preservation_targets[i], h.preserve_tokens) for i in picks]
                 preserved = len(picks)
             input_ids, mask = metrics.padded_batch(self.tokenizer, [ids for ids, _ in rows], self.device)
             labels = metrics.right_padded([row_labels for _, row_labels in rows], -100, self.device)
             losses = request_losses(trained, (input_ids, mask, labels))
-            edits = len(requests) + replayed
-            loss = losses[:edits].mean()  # the requests and the replayed edits, each counted once
+            edits, every = len(requests) + replayed, h.many_edit_every
+            if every == 1:
+                loss = losses[:edits].mean()  # the requests and the replayed edits, each counted once
+                return loss + h.preserve_weight * losses[edits:].mean() if preserved else loss
+            # k = every: this step and the k - 1 steps of the requests alone (their target loss) weigh the requests,
+            # the replayed edits and the preservation as k steps with every = 1 do, scaled by edits / requests
+            loss = (losses[: len(requests)].sum() + every * losses[len(requests) : edits].sum()) / len(requests)
             if preserved:
-                loss = loss + h.preserve_weight * losses[edits:].mean()
+                loss = loss + every * h.preserve_weight * edits / len(requests) * losses[edits:].mean()
             return loss
 
         return loss_of
+
+    @staticmethod
+    def _preserved(ids: list[int], predicted: list[int], tokens: Optional[int]) -> tuple[list[int], list[int]]:
+        """``(text ids, labels)`` of a preservation text: label ``t`` is the unedited model's prediction after token
+        ``t - 1`` (-100 at 0); with ``tokens``, the first ``tokens`` of them (a causal model's predictions on a prefix
+        are its predictions on the whole text)."""
+        ids, predicted = (ids, predicted) if tokens is None else (ids[:tokens], predicted[: tokens - 1])
+        return ids, [-100] + list(predicted)
 
     @staticmethod
     def _labelled(encoded: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
