@@ -49,6 +49,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from peft_roselora import RoseLoraCallback, RoseLoraConfig  # noqa: E402
 from peft_roselora.editing.metrics import encode_prompt_target, padded_batch  # noqa: E402
+from peft_roselora.editing.objective import padded_examples  # noqa: E402
 from peft_roselora.pretrained import resolve_model  # noqa: E402
 
 
@@ -107,11 +108,10 @@ def correct_tokens(model, tokenizer, probes: list[tuple[str, str]], batch: int =
     flags = []
     for start in range(0, len(probes), batch):
         encoded = [encode_prompt_target(tokenizer, prompt, answer) for prompt, answer in probes[start : start + batch]]
-        input_ids, mask = padded_batch(tokenizer, [prompt + target for prompt, target in encoded])
-        predicted = model(input_ids=input_ids, attention_mask=mask).logits.argmax(dim=-1)
-        for row, (prompt, target) in enumerate(encoded):
-            first = len(prompt) - 1
-            flags.append(predicted[row, first : first + len(target)] == torch.tensor(target))
+        input_ids, mask, labels = padded_examples(tokenizer, encoded, "cpu")
+        predicted = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].argmax(dim=-1)
+        shifted = labels[:, 1:]
+        flags.append((predicted == shifted)[shifted != -100])  # row-major: each probe's tokens in order
     return torch.cat(flags)
 
 

@@ -238,16 +238,16 @@ class EditHyperParams:
             raise ValueError(
                 f"`preserve_tokens` must be None or an integer >= 2 (a token and the next), got {self.preserve_tokens}"
             )
+        if self.preserve_tokens is not None and self.preserve_weight == 0:
+            raise ValueError(
+                f"`preserve_tokens={self.preserve_tokens}` needs `preserve_weight` > 0 (a preservation loss to crop)"
+            )
         if not self.many_edit_every >= 1:
             raise ValueError(f"`many_edit_every` must be an integer >= 1, got {self.many_edit_every}")
         if self.many_edit_every > 1 and not (self.replay or self.preserve_weight):
             raise ValueError(
                 f"`many_edit_every={self.many_edit_every}` needs the many-edit mode (`replay` > 0 or "
                 "`preserve_weight` > 0)"
-            )
-        if self.preserve_tokens is not None and self.preserve_weight == 0:
-            raise ValueError(
-                f"`preserve_tokens={self.preserve_tokens}` needs `preserve_weight` > 0 (a preservation loss to crop)"
             )
         for name in ("v_steps", "preserve_batch"):
             if getattr(self, name) < 1:
