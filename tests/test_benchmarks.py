@@ -191,6 +191,20 @@ def test_editing_protocol_quick_search_batch_sequential_and_resume(tmp_path):
     (tmp_path / "s.state" / "edit_seed.json").unlink()
     refused = run("sequential.py", *options, str(tmp_path / "s.json"), "--edit-seed", "7", returncode=2)
     assert "--edit-seed 7" in refused and "edit seed 0" in refused
+    # a hand grid on the dev records, and (--split test) a configuration chosen there reported on the test records
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{}, {"method": "alphaedit", "l2": 1.0}]))
+    for split in ("dev", "test"):
+        run("dev_probe.py", "--grid", str(grid), "--records", "2", "--split", split, "--output", str(tmp_path / "p"))
+    rows = [json.loads(line) for line in (tmp_path / "p").read_text().splitlines()]
+    assert [(row["split"], row["method"], row["records"]) for row in rows] == [
+        ("dev", "roselora", 2),
+        ("dev", "alphaedit", 2),
+        ("test", "roselora", 2),
+        ("test", "alphaedit", 2),
+    ]
+    assert rows[0]["config"] == {} and rows[1]["config"] == {"l2": 1.0}
+    assert rows[0]["reliability"] is not None and rows[2]["locality"] is not None
 
 
 def test_editing_benchmark_loads_the_hub_zsre_file_through_datasets(monkeypatch):
@@ -245,3 +259,32 @@ def test_gpu_check_kit_runs_on_cpu_quick(tmp_path):
     refused = subprocess.run(command[:2] + ["--output-dir", str(tmp_path)], capture_output=True, text=True)
     if not torch.cuda.is_available():
         assert refused.returncode == 2 and "no CUDA device" in refused.stderr
+
+
+def _forgetting_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("forgetting_benchmark", BENCHMARKS / "finetune" / "forgetting.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_forgetting_benchmark_keeps_earlier_runs_only_with_the_same_settings(tmp_path, capsys):
+    forgetting = _forgetting_module()
+    settings = {name: index for index, name in enumerate(forgetting.SETTINGS)}
+    runs = [{"method": method, "seed": seed} for method in ("lora", "roselora") for seed in (0, 1)]
+    path = tmp_path / "forgetting.json"
+    assert forgetting.earlier_runs(path, settings, set()) == []  # no earlier report
+    path.write_text(json.dumps({**settings, "runs": runs}))
+    kept = forgetting.earlier_runs(path, settings, {("lora", 1), ("full", 0)})
+    assert kept == [runs[0], runs[2], runs[3]]  # the run measured again is dropped
+    assert [(run["method"], run["seed"]) for run in forgetting.ordered(kept)] == [("roselora", 0), ("roselora", 1)] + [
+        ("lora", 0)
+    ]
+    other = {**settings, "steps": 999}
+    assert forgetting.earlier_runs(path, other, set()) == []
+    assert "'steps': (" in capsys.readouterr().err  # the replaced file's differing setting is named
+    path.write_text(json.dumps({"runs": runs}))  # not this script's report
+    with pytest.raises(ValueError, match="is not a report of forgetting.py"):
+        forgetting.earlier_runs(path, settings, set())

@@ -150,3 +150,11 @@ def test_the_forgetting_benchmark_runs_every_method_on_smollm2(smollm2_cache, tm
     assert 0 < changed["roselora"] < changed["lora"] < changed["full"] <= 1.0
     assert all(0.0 <= run["probe_retained"] <= 1.0 for run in report["runs"])
     assert "| roselora |" in output.with_suffix(".md").read_text()
+    # a second run of one method keeps the other methods' runs and measures that one again
+    again = subprocess.run([*command, "--methods", "lora"], capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "kept 2 runs" in again.stdout
+    rerun = json.loads(output.read_text())
+    assert [run["method"] for run in rerun["runs"]] == ["roselora", "lora", "full"]
+    assert rerun["runs"][0] == report["runs"][0] and rerun["runs"][2] == report["runs"][2]
+    assert rerun["runs"][1]["seconds"] != report["runs"][1]["seconds"]  # measured again

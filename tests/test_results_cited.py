@@ -25,6 +25,6 @@ def test_every_results_file_is_cited_in_the_docs():
 
 
 def test_every_cited_results_file_exists():
-    cited = set(re.findall(r"(?:benchmarks/|\.\./)results/([\w.\-/]+\.(?:json|jsonl|md|csv))", _docs_text()))
+    cited = set(re.findall(r"(?:benchmarks/|\.\./)results/([\w.\-/]+\.(?:jsonl|json|md|csv))\b", _docs_text()))
     missing = sorted(name for name in cited if not (RESULTS / name).exists())
     assert not missing, f"docs cite results files that do not exist: {missing}"

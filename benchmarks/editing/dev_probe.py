@@ -4,10 +4,11 @@
         --grid benchmarks/editing/grids/smollm2_roselora.json --records 12
 
 For every configuration of ``--grid`` (a JSON list of ``EditHyperParams.from_config`` dicts, ``method`` optional,
-default RoseLoRA): ``edit_single`` of the first ``--records`` dev records (never a test record) from the unedited
-model, under ``torch.manual_seed(0)``; one line per configuration with the means of reliability, generalisation and
-locality, the changed fraction of the model's weights, the mean steps and the seconds per edit (measurement
-included). ``--output`` (JSON lines) gets the same, appended.
+default RoseLoRA): ``edit_single`` of the first ``--records`` dev records (never a test record; ``--split test``:
+the first test records instead, to report configurations chosen on the dev records) from the unedited model, under
+``torch.manual_seed(0)``; one line per configuration with the means of reliability, generalisation and locality,
+the changed fraction of the model's weights, the mean steps and the seconds per edit (measurement included).
+``--output`` (JSON lines) gets the same, appended.
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ def main(argv=None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--grid", required=True, help="JSON list of configurations")
     parser.add_argument("--records", type=int, default=12, help="dev records per configuration (default 12)")
+    parser.add_argument("--split", choices=("dev", "test"), default="dev", help="records to edit (default dev)")
     parser.add_argument("--output", default=None, help="JSON lines file the results are appended to")
+    parser.add_argument("--quick", action="store_true", help="12 records, a small base model (CI)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
+    if args.records < 1:
+        parser.error(f"--records must be >= 1, got {args.records}")
     try:
         grid = json.loads(Path(args.grid).read_text())
         setup = prepare(args)
@@ -42,7 +49,7 @@ def main(argv=None) -> int:
     if not isinstance(grid, list) or not all(isinstance(config, dict) for config in grid):
         print(f"dev_probe.py: --grid {args.grid} must hold a JSON list of objects", file=sys.stderr)
         return 2
-    requests = setup.dev[: args.records]
+    requests = (setup.dev if args.split == "dev" else setup.test)[: args.records]
     for config in grid:
         config = dict(config)
         method = config.pop("method", "roselora")
@@ -59,6 +66,7 @@ def main(argv=None) -> int:
             return statistics.fmean(values) if values else None
 
         result = {
+            "split": args.split,
             "method": method,
             "config": config,
             "records": len(rows),

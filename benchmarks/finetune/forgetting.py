@@ -21,6 +21,10 @@ Methods (``--methods``): ``roselora`` (r 8, alpha 16, every linear projection of
 alpha, targets and learning rate), ``full`` (every weight, ``--full-lr``). Each for every seed of ``--seeds``. Also
 reported: the changed fraction of the model's weights (entries of the merged model that differ from the base) and
 the seconds per run. Writes ``--output`` (JSON), its ``.md`` table and, with ``--plot``, a PNG.
+
+Runs accumulate: when ``--output`` exists with the same settings (``SETTINGS``), its runs of other methods or seeds
+are kept and reported beside the new ones (so ``--methods full`` adds full fine-tuning to an earlier RoseLoRA / LoRA
+report); a run asked for again is measured again. With other settings the file is replaced (said on stderr).
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ QUESTION = "\nIs this review positive or negative?"
 ANSWERS = (" negative", " positive")  # SST-2 label 0, 1
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("roselora", "lora", "full")
+# what must match for the runs of an earlier --output to be reported beside new ones
+SETTINGS = ("model", "steps", "batch", "lr", "full_lr", "train_rows", "eval_rows", "text_rows", "probe_prompts",
+            "probe_tokens", "probe_answer_tokens")  # fmt: skip
 
 
 def instruction(sentence: str) -> str:
@@ -183,6 +190,34 @@ def train(method: str, seed: int, folder: str, tokenizer, dataset: Dataset, args
     return tuned, seconds, trainer.state.log_history
 
 
+def earlier_runs(path: Path, settings: dict, redone: set[tuple[str, int]]) -> list[dict]:
+    """The runs of an earlier report at ``path`` made with ``settings`` (see ``SETTINGS``), less those in ``redone``
+    (``(method, seed)`` pairs measured again); none when the file is absent or was made with other settings.
+
+    Raises:
+        ValueError: ``path`` exists but is not a report of this script (names the file).
+    """
+    if not path.exists():
+        return []
+    try:
+        report = json.loads(path.read_text())
+        earlier = {name: report[name] for name in SETTINGS}
+        runs = report["runs"]
+    except (ValueError, KeyError, TypeError) as error:
+        problem = f"--output {path} is not a report of forgetting.py ({error!r}); move it or name another"
+        raise ValueError(problem) from None
+    if earlier != settings:
+        differing = {name: (earlier[name], settings[name]) for name in SETTINGS if earlier[name] != settings[name]}
+        print(f"forgetting.py: {path} had other settings {differing} (earlier, now): replaced", file=sys.stderr)
+        return []
+    return [run for run in runs if (run["method"], run["seed"]) not in redone]
+
+
+def ordered(runs: list[dict]) -> list[dict]:
+    """``runs`` in the order of ``METHODS``, then seed."""
+    return sorted(runs, key=lambda run: (METHODS.index(run["method"]), run["seed"]))
+
+
 def summary_rows(runs: list[dict], base: dict) -> list[dict]:
     rows = [{"method": "base", "task_accuracy": base["task_accuracy"], "perplexity": base["perplexity"], "probe": 1.0}]
     for method in dict.fromkeys(run["method"] for run in runs):
@@ -296,6 +331,27 @@ def main(argv=None) -> int:
           f"{int(known.sum())} of {known.numel()} probe answer tokens predicted", flush=True)  # fmt: skip
     del base_model
     dataset = sst2_dataset(train_rows)
+    settings = {
+        "model": args.model,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "full_lr": args.full_lr,
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "text_rows": len(texts),
+        "probe_prompts": len(probes),
+        "probe_tokens": int(known.sum()),
+        "probe_answer_tokens": known.numel(),
+    }
+    output = Path(args.output)
+    try:
+        kept = earlier_runs(output, settings, {(method, seed) for method in args.methods for seed in args.seeds})
+    except ValueError as error:
+        print(f"forgetting.py: {error}", file=sys.stderr)
+        return 2
+    if kept:
+        print(f"kept {len(kept)} runs of {output}: {sorted({(run['method'], run['seed']) for run in kept})}")
 
     runs = []
     for method in args.methods:
@@ -321,24 +377,9 @@ def main(argv=None) -> int:
                 f"{seconds:.0f} s",
                 flush=True,
             )
-    report = {
-        "model": args.model,
-        "steps": args.steps,
-        "batch": args.batch,
-        "lr": args.lr,
-        "full_lr": args.full_lr,
-        "seeds": args.seeds,
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
-        "text_rows": len(texts),
-        "probe_prompts": len(probes),
-        "probe_tokens": int(known.sum()),
-        "probe_answer_tokens": known.numel(),
-        "base": base,
-        "runs": runs,
-    }
+    runs = ordered(kept + runs)
+    report = {**settings, "seeds": sorted({run["seed"] for run in runs}), "base": base, "runs": runs}
     report["summary"] = summary_rows(runs, base)
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1))
     output.with_suffix(".md").write_text(markdown(report["summary"], report))
