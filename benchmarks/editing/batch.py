@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from run import HERE, add_model_arguments, prepare, text_sample
+from run import HERE, add_model_arguments, prepare, text_sample, use_quick_model
 from search import chosen_configs, hyper_parameters
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(HERE.parent / "results" / "editing_batch.json"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
+        use_quick_model(args)
         args.sizes, args.small_pool = [1, "all"], 2
     try:
         chosen = chosen_configs(args.configs, args.methods, "batch.py")

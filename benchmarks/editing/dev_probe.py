@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from run import add_model_arguments, prepare
+from run import add_model_arguments, prepare, use_quick_model
 from transformers import AutoModelForCausalLM
 
 from peft_roselora.editing import EditHyperParams, Editor
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="12 records, a small base model (CI)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
+        use_quick_model(args)
     if args.records < 1:
         parser.error(f"--records must be >= 1, got {args.records}")
     try:

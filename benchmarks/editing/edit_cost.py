@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from run import HERE, add_model_arguments, prepare
+from run import HERE, add_model_arguments, prepare, use_quick_model
 from transformers import AutoModelForCausalLM
 
 from peft_roselora.editing import EditHyperParams, Editor
@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(HERE.parent / "results" / "edit_cost.json"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.limit, args.hidden, args.layers, args.epochs = None, args.limit or 12, 128, 2, 60
+        args.model = None
+        use_quick_model(args)
         args.records, args.pool, args.warm = 2, 4, 1
     if args.warm < 1 or args.pool < 1 or args.records < 1:
         print("edit_cost.py: --records, --warm and --pool must be >= 1", file=sys.stderr)

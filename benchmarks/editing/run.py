@@ -182,6 +182,12 @@ def stats_texts(requests) -> list[str]:
     return [f"{prompt} {answer}" for prompt, answer in fact_sequences(requests)]
 
 
+def use_quick_model(args: argparse.Namespace) -> None:
+    """``--quick`` (CI): the first 12 records (or ``--limit``) and a small base model (hidden 128, 2 layers, 60
+    epochs), the same in every editing benchmark."""
+    args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every editing benchmark shares: data, model, the base model's training settings."""
     parser.add_argument(
@@ -280,7 +286,7 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=None, help="PNG of the summary metrics per method (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
+        use_quick_model(args)
     try:
         loaded = load_records(args.data, args.limit)
     except FileNotFoundError as error:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from run import HERE, add_model_arguments, glue_sample_description, prepare, text_sample
+from run import HERE, add_model_arguments, glue_sample_description, prepare, text_sample, use_quick_model
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=None, help="PNG of the reliability-locality frontier (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
+        use_quick_model(args)
         args.budget, args.dev_records, args.frontier_records = 2, 4, 4
     if args.budget < 1 or args.dev_records < 1 or args.frontier_records < 1:
         print("search.py: --budget, --dev-records and --frontier-records must be >= 1", file=sys.stderr)

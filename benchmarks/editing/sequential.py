@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from run import HERE, add_model_arguments, glue_sample_description, prepare, text_sample
+from run import HERE, add_model_arguments, glue_sample_description, prepare, text_sample, use_quick_model
 from search import chosen_configs, hyper_parameters
 from transformers import AutoModelForCausalLM
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     if args.edit_seed is None:
         args.edit_seed = args.seed
     if args.quick:
-        args.limit, args.hidden, args.layers, args.epochs = args.limit or 12, 128, 2, 60
+        use_quick_model(args)
         args.checkpoints = [2]
     try:
         chosen = chosen_configs(args.configs, [base_method(m) for m in args.methods], "sequential.py")

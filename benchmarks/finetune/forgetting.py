@@ -208,7 +208,8 @@ def earlier_runs(path: Path, settings: dict, redone: set[tuple[str, int]]) -> li
         raise ValueError(problem) from None
     if earlier != settings:
         differing = {name: (earlier[name], settings[name]) for name in SETTINGS if earlier[name] != settings[name]}
-        print(f"forgetting.py: {path} had other settings {differing} (earlier, now): replaced", file=sys.stderr)
+        message = f"forgetting.py: {path} had other settings {differing} (earlier, now): this run replaces it"
+        print(message, file=sys.stderr)
         return []
     return [run for run in runs if (run["method"], run["seed"]) not in redone]
 
