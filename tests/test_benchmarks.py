@@ -148,12 +148,20 @@ def test_editing_protocol_quick_search_batch_sequential_and_resume(tmp_path):
         return result.stdout if returncode == 0 else result.stderr
 
     methods = ["roselora", "memit", "alphaedit"]
-    run("search.py", "--methods", *methods, "--output", str(tmp_path / "search.json"))
+    chunked = ["--test-chunk", "2", "--output", str(tmp_path / "search.json")]
+    run("search.py", "--methods", *methods, "--test-records", "4", *chunked)
+    rows = (tmp_path / "search.jsonl").read_text().splitlines()
+    assert [json.loads(row)["start"] for row in rows if json.loads(row)["phase"] == "test"] == [0, 2] * len(methods)
+    # a larger --test-records extends the report: only the new chunk of each method is edited
+    run("search.py", "--methods", *methods, *chunked)
     search = json.loads((tmp_path / "search.json").read_text())
+    new_rows = [json.loads(row) for row in (tmp_path / "search.jsonl").read_text().splitlines()[len(rows) :]]
+    assert search["test_records"] == 6 and [(r["phase"], r["start"]) for r in new_rows] == [("test", 4)] * 3
     for name in methods:
         data = search["methods"][name]
         assert len(data["dev"]) == 2 and data["chosen_config"] in [p["config"] for p in data["dev"]]
         assert data["chosen_test"]["records"] == search["test_records"] and data["frontier_test"]
+        assert data["chosen_test"]["chunks"] == 3
     run(
         "batch.py",
         "--methods",
@@ -261,13 +269,45 @@ def test_gpu_check_kit_runs_on_cpu_quick(tmp_path):
         assert refused.returncode == 2 and "no CUDA device" in refused.stderr
 
 
-def _forgetting_module():
+def _benchmark_module(relative: str):
+    """A benchmark script imported as a module (its folder first on ``sys.path``, for its sibling imports)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("forgetting_benchmark", BENCHMARKS / "finetune" / "forgetting.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    path = BENCHMARKS / relative
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(f"{path.stem}_benchmark", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
+
+
+def _forgetting_module():
+    return _benchmark_module("finetune/forgetting.py")
+
+
+def test_search_merges_test_chunks_weighted_by_the_records_each_covers():
+    search = _benchmark_module("editing/search.py")
+    base = {"phase": "test", "method": "m", "config": {}, "steps": 10.0, "changed_fraction_of_adapted": 0.1}
+    first = {**base, "start": 0, "records": 3, "reliability": 1.0, "generalization": 0.5, "locality": 0.9}
+    first |= {"changed_fraction_of_all": 0.01, "seconds_per_edit": 2.0}  # an early row: no "counts"
+    second = {**base, "start": 3, "records": 1, "reliability": 0.0, "generalization": None, "locality": 0.5}
+    second |= {"changed_fraction_of_all": 0.05, "seconds_per_edit": 6.0}
+    second["counts"] = {"reliability": 1, "generalization": 0, "locality": 1}
+    merged = search.merge_chunks([first, second])
+    assert merged["records"] == 4 and merged["chunks"] == 2 and "start" not in merged
+    assert merged["reliability"] == pytest.approx(0.75) and merged["locality"] == pytest.approx(0.8)
+    assert merged["generalization"] == pytest.approx(0.5)  # the record without a rephrase does not count
+    assert merged["seconds_per_edit"] == pytest.approx(3.0) and merged["changed_fraction_of_all"] == pytest.approx(
+        0.02
+    )
+    assert search.merge_chunks([first]) == {**{k: v for k, v in first.items() if k != "start"}, "chunks": 1}
+    with pytest.raises(ValueError, match=r"chunk starts \[0, 4\] are not consecutive"):
+        search.merge_chunks([first, {**second, "start": 4}])
+    with pytest.raises(ValueError, match="no rows"):
+        search.merge_chunks([])
 
 
 def test_forgetting_benchmark_keeps_earlier_runs_only_with_the_same_settings(tmp_path, capsys):

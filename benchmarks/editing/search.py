@@ -11,9 +11,11 @@
 3. Report (test): the chosen configuration on every test record, and each method's dev Pareto front
    (reliability vs locality) on the first ``--frontier-records`` test records: the frontier plot (``--plot``).
 
-Every configuration's result is appended to ``<output stem>.jsonl`` as it finishes; a rerun with the same output
-resumes, skipping the configurations already there. ``--output`` gets the chosen configurations (read by
-``batch.py`` and ``sequential.py``), their test results and the frontier.
+Every configuration's result is appended to ``<output stem>.jsonl`` as it finishes, the test report in chunks of
+``--test-chunk`` records (each chunk edited from the unedited model with the same seed, like a run of its own); a
+rerun with the same output resumes, skipping the configurations and chunks already there, so a larger
+``--test-records`` extends an earlier report instead of redoing it. ``--output`` gets the chosen configurations (read
+by ``batch.py`` and ``sequential.py``), their test results and the frontier.
 """
 
 from __future__ import annotations
@@ -151,9 +153,17 @@ def chosen_configs(paths: list[str], methods: list[str], script: str) -> dict:
     return chosen
 
 
+def key_of(phase: str, method: str, config: dict, start: int, records: int) -> tuple:
+    """The resume key of a measurement: which records (``start``, ``records``) of a phase, with which configuration."""
+    return phase, method, json.dumps(config, sort_keys=True), start, records
+
+
 def hyper_parameters(method: str, config: dict) -> EditHyperParams:
     """The :class:`EditHyperParams` of a configuration (see ``EditHyperParams.from_config``)."""
     return EditHyperParams.from_config(method, config)
+
+
+METRICS = ("reliability", "generalization", "locality")
 
 
 def evaluate(method, config, requests, setup, texts, seed) -> dict:
@@ -166,22 +176,51 @@ def evaluate(method, config, requests, setup, texts, seed) -> dict:
     rows = [editor.edit_single(r) for r in requests]
     total_weights = sum(p.numel() for p in model.parameters())
 
-    def mean(name):
-        values = [getattr(r, name) for r in rows if getattr(r, name) is not None]
-        return statistics.fmean(values) if values else None
+    def values(name):
+        return [getattr(r, name) for r in rows if getattr(r, name) is not None]
 
     return {
         "method": method,
         "config": config,
         "records": len(rows),
-        "reliability": mean("reliability"),
-        "generalization": mean("generalization"),
-        "locality": mean("locality"),
-        "steps": mean("steps"),
+        **{name: statistics.fmean(values(name)) if values(name) else None for name in METRICS},
+        "counts": {name: len(values(name)) for name in METRICS},
+        "steps": statistics.fmean(values("steps")) if values("steps") else None,
         "changed_fraction_of_adapted": statistics.fmean(r.changed_fraction_of_adapted for r in rows),
         "changed_fraction_of_all": statistics.fmean(r.changed_weights / total_weights for r in rows),
         "seconds_per_edit": (time.perf_counter() - start) / len(rows),
     }
+
+
+def merge_chunks(rows: list[dict]) -> dict:
+    """One result from the results of consecutive chunks of records (``evaluate`` rows): every mean weighted by the
+    records it covers (``counts[metric]`` records for a metric some records lack, else ``records``).
+
+    Raises:
+        ValueError: ``rows`` is empty or its chunks are not consecutive from the first (names the starts).
+    """
+    if not rows:
+        raise ValueError("merge_chunks: no rows")
+    starts = [row.get("start", 0) for row in rows]
+    expected = [0] + [sum(row["records"] for row in rows[:i]) for i in range(1, len(rows))]
+    if starts != expected:
+        raise ValueError(f"merge_chunks: chunk starts {starts} are not consecutive (expected {expected})")
+    records = sum(row["records"] for row in rows)
+    merged = {key: value for key, value in rows[0].items() if key not in ("start", "counts")}
+    merged["chunks"] = len(rows)
+    if len(rows) == 1:
+        return merged
+
+    def weighted(name, count):
+        pairs = [(row[name], count(row)) for row in rows if row[name] is not None and count(row)]
+        return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else None
+
+    merged["records"] = records
+    for name in METRICS:
+        merged[name] = weighted(name, lambda row, name=name: row.get("counts", {}).get(name, row["records"]))
+    for name in ("steps", "changed_fraction_of_adapted", "changed_fraction_of_all", "seconds_per_edit"):
+        merged[name] = weighted(name, lambda row: row["records"])
+    return merged
 
 
 def pareto(points: list[dict]) -> list[dict]:
@@ -240,6 +279,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dev-records", type=int, default=40, help="dev records per configuration (default 40)")
     parser.add_argument("--frontier-records", type=int, default=60, help="test records per frontier point")
     parser.add_argument("--test-records", type=int, default=None, help="only the first N test records (default all)")
+    parser.add_argument("--test-chunk", type=int, default=32, help="test records per resumable chunk (default 32)")
     parser.add_argument("--locality-floor", type=float, default=0.9)
     parser.add_argument("--quick", action="store_true", help="12 records, a small base model, budget 2 (CI)")
     parser.add_argument("--output", default=str(HERE.parent / "results" / "editing_search.json"))
@@ -248,8 +288,8 @@ def main(argv=None) -> int:
     if args.quick:
         use_quick_model(args)
         args.budget, args.dev_records, args.frontier_records = 2, 4, 4
-    if args.budget < 1 or args.dev_records < 1 or args.frontier_records < 1:
-        print("search.py: --budget, --dev-records and --frontier-records must be >= 1", file=sys.stderr)
+    if min(args.budget, args.dev_records, args.frontier_records, args.test_chunk) < 1:
+        print("search.py: --budget, --dev-records, --frontier-records and --test-chunk must be >= 1", file=sys.stderr)
         return 2
     try:
         setup = prepare(args)
@@ -267,16 +307,16 @@ def main(argv=None) -> int:
     if stream.exists():  # resume: the configurations already measured
         for line in stream.read_text().splitlines():
             row = json.loads(line)
-            done[(row["phase"], row["method"], json.dumps(row["config"], sort_keys=True))] = row
+            done[key_of(row["phase"], row["method"], row["config"], row.get("start", 0), row["records"])] = row
     dev, test = setup.dev[: args.dev_records], setup.test[: args.test_records]
     # the text sample never holds an edited record's text: the dev search reads the dev records it does not edit
     dev_texts = text_sample(setup, setup.dev[args.dev_records :])
 
-    def measured(phase, method, config, requests):
-        key = (phase, method, json.dumps(config, sort_keys=True))
+    def measured(phase, method, config, requests, start=0):
+        key = key_of(phase, method, config, start, len(requests))
         if key not in done:
             texts = dev_texts if phase == "dev" else setup.texts
-            row = {"phase": phase, **evaluate(method, config, requests, setup, texts, args.seed)}
+            row = {"phase": phase, "start": start, **evaluate(method, config, requests, setup, texts, args.seed)}
             with stream.open("a") as lines:
                 lines.write(json.dumps(row) + "\n")
             done[key] = row
@@ -301,7 +341,10 @@ def main(argv=None) -> int:
         chosen = choose(dev_points, args.locality_floor)
         front = pareto(dev_points)
         frontier_test = [measured("frontier", method, p["config"], test[: args.frontier_records]) for p in front]
-        chosen_test = measured("test", method, chosen["config"], test)
+        chunks = range(0, len(test), args.test_chunk)
+        chosen_test = merge_chunks(
+            [measured("test", method, chosen["config"], test[i : i + args.test_chunk], i) for i in chunks]
+        )
         report["methods"][method] = {
             "chosen_config": chosen["config"],
             "chosen_dev": chosen,
