@@ -156,7 +156,8 @@ def test_editing_protocol_quick_search_batch_sequential_and_resume(tmp_path):
     run("search.py", "--methods", *methods, *chunked)
     search = json.loads((tmp_path / "search.json").read_text())
     new_rows = [json.loads(row) for row in (tmp_path / "search.jsonl").read_text().splitlines()[len(rows) :]]
-    assert search["test_records"] == 6 and [(r["phase"], r["start"]) for r in new_rows] == [("test", 4)] * 3
+    assert search["test_records"] in (5, 6)  # the quick split: 4 earlier records, one more chunk of 1 or 2
+    assert [(r["phase"], r["start"], r["records"]) for r in new_rows] == [("test", 4, search["test_records"] - 4)] * 3
     for name in methods:
         data = search["methods"][name]
         assert len(data["dev"]) == 2 and data["chosen_config"] in [p["config"] for p in data["dev"]]
