@@ -271,10 +271,12 @@ def test_gpu_check_kit_runs_on_cpu_quick(tmp_path):
 
 
 def _benchmark_module(relative: str):
-    """A benchmark script imported as a module (its folder first on ``sys.path``, for its sibling imports)."""
+    """A benchmark script imported as a module (its folder first on ``sys.path``, for its sibling imports; the sibling
+    modules are dropped from ``sys.modules`` again, so another folder's ``run.py`` is not shadowed)."""
     import importlib.util
 
     path = BENCHMARKS / relative
+    before = set(sys.modules)
     sys.path.insert(0, str(path.parent))
     try:
         spec = importlib.util.spec_from_file_location(f"{path.stem}_benchmark", path)
@@ -282,6 +284,9 @@ def _benchmark_module(relative: str):
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(path.parent))
+        for name in set(sys.modules) - before:
+            if Path(getattr(sys.modules[name], "__file__", None) or "/").parent == path.parent:
+                del sys.modules[name]
     return module
 
 
