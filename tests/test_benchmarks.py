@@ -148,6 +148,7 @@ def test_editing_protocol_quick_search_batch_sequential_and_resume(tmp_path):
         return result.stdout if returncode == 0 else result.stderr
 
     methods = ["roselora", "memit", "alphaedit"]
+    assert "{'--test-chunk': 0} must each be >= 1" in run("search.py", "--test-chunk", "0", returncode=2)
     chunked = ["--test-chunk", "2", "--output", str(tmp_path / "search.json")]
     run("search.py", "--methods", *methods, "--test-records", "4", *chunked)
     rows = (tmp_path / "search.jsonl").read_text().splitlines()
@@ -290,10 +291,6 @@ def _benchmark_module(relative: str):
     return module
 
 
-def _forgetting_module():
-    return _benchmark_module("finetune/forgetting.py")
-
-
 def test_search_merges_test_chunks_weighted_by_the_records_each_covers():
     search = _benchmark_module("editing/search.py")
     base = {"phase": "test", "method": "m", "config": {}, "steps": 10.0, "changed_fraction_of_adapted": 0.1}
@@ -317,7 +314,7 @@ def test_search_merges_test_chunks_weighted_by_the_records_each_covers():
 
 
 def test_forgetting_benchmark_keeps_earlier_runs_only_with_the_same_settings(tmp_path, capsys):
-    forgetting = _forgetting_module()
+    forgetting = _benchmark_module("finetune/forgetting.py")
     settings = {name: index for index, name in enumerate(forgetting.SETTINGS)}
     runs = [{"method": method, "seed": seed} for method in ("lora", "roselora") for seed in (0, 1)]
     path = tmp_path / "forgetting.json"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from run import HERE, add_model_arguments, prepare, text_sample, use_quick_model
-from search import chosen_configs, hyper_parameters
+from search import METRICS, chosen_configs, hyper_parameters, weighted_mean
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -113,14 +113,10 @@ def main(argv=None) -> int:
                         lines.write(json.dumps(done[key]) + "\n")
                 rows.append(done[key])
 
-            def weighted(name, rows=rows):
-                pairs = [(r[name], r["edits"]) for r in rows if r[name] is not None]
-                return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else None
-
             summary = {
                 "edits": sum(r["edits"] for r in rows),
                 "batches": len(rows),
-                **{m: weighted(m) for m in ("reliability", "generalization", "locality")},
+                **{name: weighted_mean((r[name], r["edits"]) for r in rows) for name in METRICS},
                 "changed_fraction_of_all": statistics.fmean(r["changed_fraction_of_all"] for r in rows),
                 "seconds_per_batch": statistics.fmean(r["seconds"] for r in rows),
             }

@@ -192,6 +192,13 @@ def evaluate(method, config, requests, setup, texts, seed) -> dict:
     }
 
 
+def weighted_mean(pairs) -> float | None:
+    """The mean of ``(value, count)`` pairs weighted by their counts, pairs with value None or count 0 left out; None
+    when none is left."""
+    kept = [(value, count) for value, count in pairs if value is not None and count]
+    return sum(value * count for value, count in kept) / sum(count for _, count in kept) if kept else None
+
+
 def merge_chunks(rows: list[dict]) -> dict:
     """One result from the results of consecutive chunks of records (``evaluate`` rows): every mean weighted by the
     records it covers (``counts[metric]`` records for a metric some records lack, else ``records``).
@@ -211,15 +218,11 @@ def merge_chunks(rows: list[dict]) -> dict:
     if len(rows) == 1:
         return merged
 
-    def weighted(name, count):
-        pairs = [(row[name], count(row)) for row in rows if row[name] is not None and count(row)]
-        return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else None
-
     merged["records"] = records
     for name in METRICS:
-        merged[name] = weighted(name, lambda row, name=name: row.get("counts", {}).get(name, row["records"]))
+        merged[name] = weighted_mean((row[name], row.get("counts", {}).get(name, row["records"])) for row in rows)
     for name in ("steps", "changed_fraction_of_adapted", "changed_fraction_of_all", "seconds_per_edit"):
-        merged[name] = weighted(name, lambda row: row["records"])
+        merged[name] = weighted_mean((row[name], row["records"]) for row in rows)
     return merged
 
 
@@ -288,8 +291,10 @@ def main(argv=None) -> int:
     if args.quick:
         use_quick_model(args)
         args.budget, args.dev_records, args.frontier_records = 2, 4, 4
-    if min(args.budget, args.dev_records, args.frontier_records, args.test_chunk) < 1:
-        print("search.py: --budget, --dev-records, --frontier-records and --test-chunk must be >= 1", file=sys.stderr)
+    counts = {name: getattr(args, name) for name in ("budget", "dev_records", "frontier_records", "test_chunk")}
+    bad = {f"--{name.replace('_', '-')}": value for name, value in counts.items() if value < 1}
+    if bad:
+        print(f"search.py: {bad} must each be >= 1", file=sys.stderr)
         return 2
     try:
         setup = prepare(args)
